@@ -1,0 +1,38 @@
+# Set-up, demo and tests on a fresh machine. Every target is idempotent.
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+FMNIST    := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+STAMP     := $(VENV)/.bnlab-installed
+
+.PHONY: setup demo test data clean
+
+setup: $(STAMP) data
+
+# The stamp is rebuilt when pyproject.toml changes, so `make` stays fast when set up.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' $(TORCH_PIN)
+	touch $(STAMP)
+
+data:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist'" \
+	       "or '$(BIN)/bnlab data fetch fashion-mnist' (needs network)"; \
+	fi
+
+demo: setup
+	$(BIN)/bnlab demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,38 @@
+"""Data: file formats, named sources, standardization and in-memory batching.
+
+>>> from bnlab import data
+>>> train, test = data.load_splits("fashion-mnist", standardize="zscore")
+>>> for x, y in train.batches(1000, shuffle=True): ...
+"""
+
+from bnlab.data.dataset import STANDARDIZE_MODES, Dataset, Standardizer, channel_stats, index_batches
+from bnlab.data.idx import read_idx, write_idx
+from bnlab.data.sources import SOURCES, find, get_source, load, load_splits, search_dirs
+
+__all__ = [
+    "Dataset", "Standardizer", "STANDARDIZE_MODES", "channel_stats", "index_batches",
+    "read_idx", "write_idx", "SOURCES", "find", "get_source", "load", "load_splits", "search_dirs",
+    "info",
+]
+
+
+def info(name: str, data_dir=None, **options) -> dict:
+    """Counts, shapes, classes, train-split mean/std and location of a dataset, as a dict."""
+    train = load(name, "train", data_dir, **options)
+    test = load(name, "test", data_dir, **options)
+    mean, std = channel_stats(train.x)
+    scale = 255.0 if train.x.dtype.is_floating_point is False else 1.0
+    return {
+        "name": name,
+        "description": get_source(name).description,
+        "location": train.source,
+        "train": len(train),
+        "test": len(test),
+        "input_shape": list(train.input_shape),
+        "dtype": str(train.x.dtype).replace("torch.", ""),
+        "classes": train.classes,
+        "train_class_counts": train.class_counts(),
+        # Statistics of the train split, in 0..1 units for images (pixel / 255).
+        "mean": [m / scale for m in mean],
+        "std": [s / scale for s in std],
+    }

@@ -1,0 +1,188 @@
+"""In-memory datasets, standardization and batching by index slicing.
+
+A :class:`Dataset` keeps its examples as one tensor (uint8 for images, ``(N, C, H, W)``; float32
+for feature tables, ``(N, F)``) and converts to float only one batch at a time, so a whole
+Fashion-MNIST split costs 47 MB instead of 188 MB. Batches are cut from a seeded permutation by
+slicing: no per-sample ``DataLoader`` on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from bnlab.errors import ConfigError
+
+STANDARDIZE_MODES = ("none", "scale", "zscore")
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-channel affine map ``z = (x - mean) / std`` applied to each batch.
+
+    ``mode`` is ``none`` (identity), ``scale`` (divide by the value range, 255 for uint8 images:
+    maps pixels to 0..1) or ``zscore`` (mean and std of the *train* split, per channel, in the
+    units of the raw data). The numbers travel with checkpoints so that inference standardizes
+    exactly like training.
+    """
+
+    mode: str = "none"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.mode not in STANDARDIZE_MODES:
+            raise ConfigError(f"unknown standardization {self.mode!r}: choose one of {', '.join(STANDARDIZE_MODES)}")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"standardizer has {len(self.mean)} means but {len(self.std)} stds")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"standardizer std must be positive, got {self.std}")
+
+    @classmethod
+    def fit(cls, train: "Dataset", mode: str) -> "Standardizer":
+        """Compute the map from a *train* split (never from test data)."""
+        if mode not in STANDARDIZE_MODES:
+            raise ConfigError(f"unknown standardization {mode!r}: choose one of {', '.join(STANDARDIZE_MODES)}")
+        channels = train.x.shape[1]
+        if mode == "none":
+            return cls("none", (0.0,) * channels, (1.0,) * channels)
+        if mode == "scale":
+            if train.x.dtype == torch.uint8:
+                top = [255.0] * channels
+            else:
+                top = train.x.abs().amax(dim=[d for d in range(train.x.dim()) if d != 1]).tolist()
+            return cls("scale", (0.0,) * channels, tuple(t if t > 0 else 1.0 for t in top))
+        mean, std = channel_stats(train.x)
+        return cls("zscore", tuple(mean), tuple(s if s > 0 else 1.0 for s in std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 standardized copy of a batch ``x`` (uint8 or float)."""
+        x = x.to(torch.float32)
+        if self.mode == "none":
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
+        inv = torch.tensor([1.0 / s for s in self.std], dtype=torch.float32).view(shape)
+        return (x - mean).mul_(inv)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Standardizer":
+        return cls(d["mode"], tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and (population) std of ``x`` along dim 1, in float64.
+
+    uint8 data uses a 256-bin histogram per channel, which is exact and needs no float copy of
+    the whole split.
+    """
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        xc = x[:, c]
+        if xc.dtype == torch.uint8:
+            counts = np.bincount(xc.numpy().reshape(-1), minlength=256).astype(np.float64)
+            values = np.arange(256, dtype=np.float64)
+            n = counts.sum()
+            m = (counts * values).sum() / n
+            v = (counts * (values - m) ** 2).sum() / n
+        else:
+            xd = xc.to(torch.float64)
+            m, v = xd.mean().item(), xd.var(unbiased=False).item()
+        means.append(float(m))
+        stds.append(float(np.sqrt(v)))
+    return means, stds
+
+
+def index_batches(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor | slice]:
+    """Yield the indices of each batch: slices when not shuffling, index tensors when shuffling.
+
+    The last partial batch is yielded unless ``drop_last``. Shuffling uses ``generator`` so the
+    same seed gives the same order.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, stop)
+        yield order[start:end] if order is not None else slice(start, end)
+
+
+@dataclass
+class Dataset:
+    """One split of a dataset, held in memory.
+
+    ``x`` is uint8 ``(N, C, H, W)`` for images or float32 ``(N, F)`` for feature tables; ``y`` is
+    int64 ``(N,)``. ``standardizer`` maps raw batches to network inputs.
+    """
+
+    name: str
+    split: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    source: str = ""
+    standardizer: Standardizer = field(default_factory=Standardizer)
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{self.name}/{self.split}: {len(self.x)} examples but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(1, 28, 28)`` or ``(4,)``."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.dim() == 4
+
+    def standardized(self, mode_or_standardizer: "str | Standardizer") -> "Dataset":
+        """The same data with another standardizer (fitted on *this* split if given a mode name)."""
+        s = mode_or_standardizer
+        if isinstance(s, str):
+            s = Standardizer.fit(self, s)
+        return Dataset(self.name, self.split, self.x, self.y, self.classes, self.source, s)
+
+    def subset(self, n: int) -> "Dataset":
+        """The first ``n`` examples (handy for quick runs and tests)."""
+        return Dataset(self.name, self.split, self.x[:n], self.y[:n], self.classes, self.source, self.standardizer)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(inputs, labels)``: float32 standardized inputs, int64 labels."""
+        for idx in index_batches(len(self), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
+            yield self.standardizer(self.x[idx]), self.y[idx]
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
