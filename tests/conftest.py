@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from bnlab.data.idx import write_idx
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def make_idx_dataset(directory, n_train=60, n_test=20, size=28, classes=10, gz=True, seed=0):
+    """Write the four MNIST-style IDX files with random content; returns the directory."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, classes, n, dtype=np.uint8))
+    return directory
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    return make_idx_dataset(tmp_path / "mnist")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    # Keep tests away from the user's cache and data dir settings.
+    monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
