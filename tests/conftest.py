@@ -26,4 +26,4 @@ def idx_dir(tmp_path):
 def _isolated_env(monkeypatch, tmp_path_factory):
     # Keep tests away from the user's cache and data dir settings.
     monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

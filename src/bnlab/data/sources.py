@@ -59,8 +59,10 @@ def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
 
 
 def cache_dir(name: str) -> Path:
-    """Where ``bnlab data fetch`` puts a dataset when no ``--data-dir`` is given."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab" / name
+    """Where ``bnlab data fetch`` puts a dataset when no ``--data-dir`` is given:
+    ``$BNLAB_CACHE_DIR/<name>``, by default ``~/.cache/bnlab/<name>``."""
+    root = os.environ.get("BNLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab"
+    return Path(root) / name
 
 
 def _idx_file(directory: Path, stem: str) -> Path | None:

@@ -1,0 +1,18 @@
+"""bnlab's batch normalization: layers, variants, and the tools that act on them.
+
+>>> from bnlab import nn as bnn
+>>> layer = bnn.BatchNorm2d(16)              # same semantics and state_dict as torch.nn.BatchNorm2d
+>>> folded, report = bnn.fold_batchnorm(model)  # eval-only copy with BN merged into Conv/Linear
+"""
+
+from bnlab.nn import functional
+from bnlab.nn._backend import backend_name
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batchnorm
+from bnlab.nn.fold import FoldReport, fold_batchnorm, recalibrate_batchnorm
+from bnlab.nn.variants import BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d
+
+__all__ = [
+    "functional", "backend_name", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "is_batchnorm",
+    "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d",
+    "FoldReport", "fold_batchnorm", "recalibrate_batchnorm",
+]

@@ -1,0 +1,191 @@
+"""Batch normalization layers (Ioffe & Szegedy, 2015), interchangeable with ``torch.nn.BatchNorm*``.
+
+Training (Alg. 1): each channel is normalized with the mean and biased variance of the current
+mini-batch, ``y = gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta``, and the running averages
+move towards the batch statistics::
+
+    running_mean = (1 - momentum) * running_mean + momentum * mu_B
+    running_var  = (1 - momentum) * running_var  + momentum * sigma2_B * M / (M - 1)
+
+``momentum=None`` makes them cumulative averages (momentum = 1 / num_batches_tracked).
+
+Inference (Alg. 2, ``model.eval()``): the running averages replace the batch statistics, so the
+layer is a fixed affine map per channel. With ``track_running_stats=False`` there are no running
+averages and batch statistics are used in eval mode too.
+
+``gamma`` (``weight``) and ``beta`` (``bias``) are learned when ``affine=True``: they let a layer
+undo the normalization if that is what the loss prefers. Conv inputs ``(N, C, H, W)`` have one
+statistic and one gamma/beta per channel, over N, H and W; dense inputs ``(N, C)`` one per feature.
+
+State-dict keys are torch's (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``), so ``load_state_dict`` works both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnlab.nn import functional as F
+
+
+class _BatchNorm(nn.Module):
+    """State and running-statistics logic shared by every bnlab batch-norm layer."""
+
+    _version = 2
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            # bias=False learns gamma only (as torch >= 2.13 allows)
+            self.weight = nn.Parameter(torch.empty(num_features, **kw))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **kw))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+            self.register_buffer("running_var", torch.ones(num_features, **kw))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, **{k: v for k, v in kw.items() if k != "dtype"}))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+                "bias={use_bias}, track_running_stats={track_running_stats}".format(
+                    **self.__dict__, use_bias=self.bias is not None))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # State dicts saved before num_batches_tracked existed (version < 2) load with 0.
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _step_momentum(self) -> float:
+        """Count this training step and return the averaging factor for the running statistics."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _running(self):
+        """Running tensors to update this step (None when not tracking or in eval mode)."""
+        if self.training and self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self._uses_batch_stats():
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        momentum = self._step_momentum() if self.training and self.track_running_stats else 0.0
+        rm, rv = self._running()
+        return F.batch_norm(input, rm, rv, self.weight, self.bias, True, momentum, self.eps)
+
+
+class _Dims1d:
+    def _check_input_dim(self, input):
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class _Dims2d:
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class _Dims3d:
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class BatchNorm1d(_Dims1d, _BatchNorm):
+    """Batch norm over ``(N, C)`` or ``(N, C, L)`` inputs: one statistic per feature/channel."""
+
+
+class BatchNorm2d(_Dims2d, _BatchNorm):
+    """Batch norm over ``(N, C, H, W)`` inputs: one statistic per channel, over N, H, W."""
+
+
+class BatchNorm3d(_Dims3d, _BatchNorm):
+    """Batch norm over ``(N, C, D, H, W)`` inputs: one statistic per channel."""
+
+
+TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BNLAB_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for any bnlab or torch batch-norm layer (variants included)."""
+    return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
+
+
+def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
+    """Swap batch-norm layers in place between torch's and bnlab's, keeping config, state and mode.
+
+    ``to="bnlab"`` replaces ``torch.nn.BatchNorm1d/2d/3d``; ``to="torch"`` replaces bnlab's plain
+    ``BatchNorm1d/2d/3d`` (variants have no torch counterpart and stay). Returns ``model``
+    (a bare BN module is returned converted, since it cannot be replaced in place).
+    """
+    if to not in ("bnlab", "torch"):
+        from bnlab.errors import ConfigError
+
+        raise ConfigError(f"convert(to={to!r}): use 'bnlab' or 'torch'")
+    src, dst = (TORCH_BN, BNLAB_BN) if to == "bnlab" else (BNLAB_BN, TORCH_BN)
+
+    def swap(m: nn.Module) -> nn.Module:
+        for cls_from, cls_to in zip(src, dst):
+            if type(m) is cls_from:
+                ref = m.running_mean if m.running_mean is not None else (m.weight if m.affine else None)
+                kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+                if m.affine and m.bias is None:
+                    kw["bias"] = False  # torch < 2.13 has no bias flag and refuses this, as it should
+                new = cls_to(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                             track_running_stats=m.track_running_stats, **kw)
+                new.load_state_dict(m.state_dict())
+                new.train(m.training)
+                return new
+        return m
+
+    for name, child in list(model.named_children()):
+        new = swap(child)
+        if new is not child:
+            setattr(model, name, new)
+        else:
+            convert(child, to)
+    return swap(model)
