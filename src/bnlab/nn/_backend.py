@@ -25,7 +25,7 @@ import torch
 from bnlab.errors import ConfigError
 
 _SOURCE = Path(__file__).with_name("csrc") / "batchnorm.cpp"
-_cpp_module = None
+_cpp: "CppBackend | None" = None
 _cpp_error: str | None = None
 
 
@@ -101,9 +101,6 @@ class CppBackend:
     def __init__(self, module):
         self.m = module
 
-    def supports(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in self.DTYPES
-
     def forward_train(self, x, weight, bias, running_mean, running_var, momentum, eps):
         in_kernel = all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var))
         if in_kernel:
@@ -164,13 +161,13 @@ def _build_cpp():
 
 def cpp_backend() -> CppBackend | None:
     """The compiled backend, building it on first call; ``None`` if it cannot be built."""
-    global _cpp_module, _cpp_error
-    if _cpp_module is None and _cpp_error is None:
+    global _cpp, _cpp_error
+    if _cpp is None and _cpp_error is None:
         try:
-            _cpp_module = _build_cpp()
+            _cpp = CppBackend(_build_cpp())
         except Exception as e:  # noqa: BLE001 - any build failure means: use the eager path
             _cpp_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-    return CppBackend(_cpp_module) if _cpp_module is not None else None
+    return _cpp
 
 
 _warned = False
@@ -193,7 +190,7 @@ def get_backend(x: torch.Tensor | None = None):
             warnings.warn(f"could not build bnlab's fused BN kernels ({_cpp_error}); using the slower PyTorch-ops path")
             _warned = True
         return EagerBackend
-    if x is not None and not cpp.supports(x):
+    if x is not None and (x.dtype not in CppBackend.DTYPES or x.device.type != "cpu"):
         return EagerBackend
     return cpp
 

@@ -33,24 +33,25 @@ from bnlab.nn._backend import get_backend
 
 
 class BatchNormTrain(torch.autograd.Function):
-    """Alg. 1 with batch statistics. Returns ``(y, batch_mean, batch_var)``; the statistics are
-    not differentiable. Running averages passed in are updated in place."""
+    """Alg. 1 with batch statistics. Running averages passed in are updated in place; when
+    ``stats_out`` is a list, the batch mean and biased variance are appended to it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend, stats_out):
         y, mean, var, invstd = backend.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.backend = backend
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        if stats_out is not None:
+            stats_out.append((mean, var))
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx, dgamma, dbeta = ctx.backend.backward_train(dy, x, weight, mean, invstd, need_x)
-        return dx, dgamma if need_w else None, dbeta if need_b else None, None, None, None, None, None
+        return dx, dgamma if need_w else None, dbeta if need_b else None, None, None, None, None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -89,7 +90,9 @@ def batch_norm_stats(input, running_mean, running_var, weight=None, bias=None, m
     verify_batch_size(input.size())
     backend = get_backend(input)
     if _needs_graph(input, weight, bias):
-        return BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend)
+        stats = []
+        y = BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, stats)
+        return y, stats[0][0], stats[0][1]
     y, mean, var, _ = backend.forward_train(input, weight, bias, running_mean, running_var, momentum, eps)
     return y, mean, var
 
@@ -101,7 +104,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     updates them in place; ``training=False`` uses ``running_mean``/``running_var``.
     """
     if training:
-        return batch_norm_stats(input, running_mean, running_var, weight, bias, momentum, eps)[0]
+        verify_batch_size(input.size())
+        backend = get_backend(input)
+        if _needs_graph(input, weight, bias):
+            return BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, None)
+        return backend.forward_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
     backend = get_backend(input)
