@@ -1,0 +1,289 @@
+"""Networks as data: a list of layer specs, and the builder that turns it into ``nn.Sequential``.
+
+A spec is a dict (from Python or a TOML file)::
+
+    {"name": "tiny", "activation": "relu",
+     "layers": [{"type": "conv", "out": 8, "kernel": 3},
+                {"type": "pool", "size": 2},
+                {"type": "flatten"},
+                {"type": "dense", "out": 64},
+                {"type": "dropout", "p": 0.5},
+                {"type": "dense", "out": "classes"}]}
+
+``conv`` and ``dense`` layers are followed by the network's activation, except the last layer
+(the logits). A spec may instead write its ``activation`` layers explicitly (then none are
+added, and ``bn="before"/"after"`` places BN around those); explicit ``bn`` layers are kept only
+with ``bn="tutorial"``. Input channels, features and the class count come
+from the dataset, so one spec serves many datasets wherever the spatial sizes allow.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.errors import ConfigError
+
+LAYER_KEYS = {
+    "conv": {"out", "kernel", "stride", "padding", "bias"},
+    "pool": {"kind", "size", "stride"},
+    "flatten": set(),
+    "dense": {"out", "bias"},
+    "dropout": {"p"},
+    "activation": {"fn"},
+    "bn": set(),
+}
+SPEC_KEYS = {"name", "description", "activation", "layers", "init", "tutorial_bn", "datasets"}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+}
+BN_PLACEMENTS = ("none", "before", "after", "tutorial")
+NORMS = ("batch", "renorm", "ghost")
+BN_IMPLS = ("bnlab", "torch")
+
+
+def _where(spec: dict, i: int | None = None) -> str:
+    name = spec.get("name", "spec")
+    return f"{name}: layer {i + 1}" if i is not None else name
+
+
+def validate_spec(spec: dict) -> dict:
+    """Check a spec's structure; returns a deep copy with defaults filled in."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"a network spec must be a table/dict, got {type(spec).__name__}")
+    spec = copy.deepcopy(spec)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"{_where(spec)}: unknown spec key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(SPEC_KEYS))}")
+    spec.setdefault("name", "custom")
+    spec.setdefault("activation", "relu")
+    if spec["activation"] not in ACTIVATIONS:
+        raise ConfigError(f"{_where(spec)}: unknown activation {spec['activation']!r}; choose one of {', '.join(ACTIVATIONS)}")
+    layers = spec.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ConfigError(f"{_where(spec)}: 'layers' must be a non-empty list of layer tables")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or "type" not in layer:
+            raise ConfigError(f"{_where(spec, i)}: each layer needs a 'type' ({', '.join(LAYER_KEYS)})")
+        kind = layer["type"]
+        if kind not in LAYER_KEYS:
+            raise ConfigError(f"{_where(spec, i)}: unknown layer type {kind!r}; choose one of {', '.join(LAYER_KEYS)}")
+        bad = set(layer) - LAYER_KEYS[kind] - {"type"}
+        if bad:
+            raise ConfigError(f"{_where(spec, i)}: {kind} layer has unknown key(s) {', '.join(sorted(bad))}; "
+                              f"allowed: {', '.join(sorted(LAYER_KEYS[kind])) or 'none'}")
+        if kind in ("conv", "dense"):
+            out = layer.get("out")
+            if not (out == "classes" or (isinstance(out, int) and out > 0)):
+                raise ConfigError(f"{_where(spec, i)}: {kind} 'out' must be a positive integer or \"classes\", got {out!r}")
+        if kind == "conv" and not (isinstance(layer.get("kernel"), int) and layer["kernel"] > 0):
+            raise ConfigError(f"{_where(spec, i)}: conv needs a positive integer 'kernel'")
+        if kind == "dropout" and not (0 <= float(layer.get("p", 0.5)) < 1):
+            raise ConfigError(f"{_where(spec, i)}: dropout p must be in [0, 1)")
+        if kind == "activation" and layer.get("fn") not in ACTIVATIONS:
+            raise ConfigError(f"{_where(spec, i)}: unknown activation {layer.get('fn')!r}")
+        if kind == "pool" and layer.get("kind", "max") not in ("max", "avg"):
+            raise ConfigError(f"{_where(spec, i)}: pool kind must be max or avg")
+    if layers[-1]["type"] != "dense":
+        raise ConfigError(f"{_where(spec)}: the last layer must be a dense layer (the logits)")
+    return spec
+
+
+def load_spec(path: str | Path) -> dict:
+    """A spec from a TOML file (top-level keys as in a Python spec, ``[[layers]]`` tables)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    spec.setdefault("name", path.stem)
+    return validate_spec(spec)
+
+
+def _norm_layer(kind: str, channels: int, norm: str, bn_impl: str, virtual_batch_size: int) -> nn.Module:
+    import bnlab.nn as bnn
+
+    two_d = kind == "2d"
+    if norm == "batch":
+        if bn_impl == "torch":
+            return nn.BatchNorm2d(channels) if two_d else nn.BatchNorm1d(channels)
+        return bnn.BatchNorm2d(channels) if two_d else bnn.BatchNorm1d(channels)
+    if bn_impl == "torch":
+        raise ConfigError(f"norm={norm!r} exists only in bnlab: use bn_impl='bnlab'")
+    if norm == "renorm":
+        return bnn.BatchRenorm2d(channels) if two_d else bnn.BatchRenorm1d(channels)
+    return (bnn.GhostBatchNorm2d if two_d else bnn.GhostBatchNorm1d)(channels, virtual_batch_size=virtual_batch_size)
+
+
+def _init_weights(module: nn.Module, init: dict | None, generator=None) -> None:
+    if not init:
+        return
+    kind = init.get("kind", "normal")
+    if kind != "normal":
+        raise ConfigError(f"unknown init kind {kind!r}: only 'normal' (with 'std') is supported")
+    std = float(init.get("std", 0.01))
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
+                    bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
+                    virtual_batch_size: int = 32) -> nn.Sequential:
+    """Build the ``nn.Sequential`` a spec describes for inputs of ``input_shape`` (without batch)."""
+    spec = validate_spec(spec)
+    if bn not in BN_PLACEMENTS:
+        raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if bn_impl not in BN_IMPLS:
+        raise ConfigError(f"unknown bn_impl {bn_impl!r}; choose bnlab or torch")
+    act_name = activation or spec["activation"]
+    if act_name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {act_name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    layers = spec["layers"]
+    if bn == "tutorial":
+        if not spec.get("tutorial_bn"):
+            raise ConfigError(f"{spec['name']} has no tutorial BN placement; use --bn before or after")
+        layers = validate_spec({"name": spec["name"], "layers": spec["tutorial_bn"]})["layers"]
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+
+    shape = tuple(int(s) for s in input_shape)
+    mods: list[nn.Module] = []
+    last = len(layers) - 1
+    explicit_acts = any(layer["type"] == "activation" for layer in layers)
+
+    def add_bn(channels: int, dims: int) -> None:
+        mods.append(_norm_layer("2d" if dims == 3 else "1d", channels, norm, bn_impl, virtual_batch_size))
+
+    for i, layer in enumerate(layers):
+        kind = layer["type"]
+        where = _where(spec, i)
+        if kind == "conv":
+            if len(shape) != 3:
+                raise ConfigError(f"{where}: conv needs image input (C, H, W), got shape {shape}")
+            out = num_classes if layer["out"] == "classes" else layer["out"]
+            k, stride, pad = layer["kernel"], layer.get("stride", 1), layer.get("padding", 0)
+            h = (shape[1] + 2 * pad - k) // stride + 1
+            w = (shape[2] + 2 * pad - k) // stride + 1
+            if h < 1 or w < 1:
+                raise ConfigError(f"{where}: a {k}x{k} conv does not fit inputs of {shape[1]}x{shape[2]} "
+                                  f"(input shape {tuple(input_shape)} is too small for {spec['name']})")
+            mods.append(nn.Conv2d(shape[0], out, k, stride=stride, padding=pad, bias=layer.get("bias", True)))
+            shape = (out, h, w)
+        elif kind == "dense":
+            if len(shape) != 1:
+                raise ConfigError(f"{where}: dense needs flat input; add a flatten layer before it (shape is {shape})")
+            out = num_classes if layer["out"] == "classes" else layer["out"]
+            mods.append(nn.Linear(shape[0], out, bias=layer.get("bias", True)))
+            shape = (out,)
+        elif kind == "pool":
+            if len(shape) != 3:
+                raise ConfigError(f"{where}: pooling needs image input, got shape {shape}")
+            size = layer.get("size", 2)
+            stride = layer.get("stride", size)
+            h, w = (shape[1] - size) // stride + 1, (shape[2] - size) // stride + 1
+            if h < 1 or w < 1:
+                raise ConfigError(f"{where}: {size}x{size} pooling does not fit {shape[1]}x{shape[2]} "
+                                  f"(input shape {tuple(input_shape)} is too small for {spec['name']})")
+            mods.append((nn.MaxPool2d if layer.get("kind", "max") == "max" else nn.AvgPool2d)(size, stride))
+            shape = (shape[0], h, w)
+        elif kind == "flatten":
+            mods.append(nn.Flatten())
+            shape = (math.prod(shape),)
+        elif kind == "dropout":
+            mods.append(nn.Dropout(dropout if dropout is not None else float(layer.get("p", 0.5))))
+        elif kind == "activation":
+            if bn == "before":
+                add_bn(shape[0], len(shape))
+            mods.append(ACTIVATIONS[activation or layer["fn"]]())
+            if bn == "after":
+                add_bn(shape[0], len(shape))
+        elif kind == "bn":
+            if bn == "tutorial":
+                add_bn(shape[0], len(shape))
+            continue
+        if kind in ("conv", "dense") and i != last and not explicit_acts:
+            if bn == "before":
+                add_bn(shape[0], len(shape))
+            mods.append(ACTIVATIONS[act_name]())
+            if bn == "after":
+                add_bn(shape[0], len(shape))
+    if shape != (num_classes,):
+        raise ConfigError(f"{spec['name']}: the network ends with shape {shape}, expected ({num_classes},) logits")
+    model = nn.Sequential(*mods)
+    _init_weights(model, spec.get("init"))
+    return model
+
+
+def output_shapes(model: nn.Sequential, input_shape) -> list[tuple[int, ...]]:
+    """Output shape (without batch) of every layer, found by running two zero inputs in eval mode."""
+    shapes = []
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.zeros((2, *input_shape))
+        for m in model:
+            x = m(x)
+            shapes.append(tuple(x.shape[1:]))
+    model.train(was)
+    return shapes
+
+
+def _brief(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv2d):
+        pad = f", pad {m.padding[0]}" if m.padding[0] else ""
+        return f"{m.in_channels}->{m.out_channels}, {m.kernel_size[0]}x{m.kernel_size[1]}{pad}"
+    if isinstance(m, nn.Linear):
+        return f"{m.in_features}->{m.out_features}"
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return f"{m.kernel_size}"
+    if isinstance(m, nn.Dropout):
+        return f"p={m.p}"
+    if hasattr(m, "num_features"):
+        return f"{m.num_features}"
+    return ""
+
+
+def summary(model: nn.Sequential, input_shape) -> dict:
+    """Keras-style summary: one row per layer (name, type, output shape, parameters) and totals."""
+    rows = []
+    for (name, m), shape in zip(model.named_children(), output_shapes(model, input_shape)):
+        params = sum(p.numel() for p in m.parameters(recurse=False))
+        rows.append({"name": name, "layer": type(m).__name__, "output_shape": list(shape), "params": params,
+                     "detail": _brief(m)})
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers())
+    return {"input_shape": list(input_shape), "layers": rows, "total_params": total, "trainable_params": trainable,
+            "non_trainable_params": total - trainable, "buffers": buffers}
+
+
+def format_summary(s: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    head = f"{'#':>3}  {'layer':<34} {'output shape':<16} {'params':>10}"
+    lines += [head, "-" * len(head)]
+    lines.append(f"{'':>3}  {'input':<34} {str(tuple(s['input_shape'])):<16} {'':>10}")
+    for r in s["layers"]:
+        label = f"{r['layer']}({r['detail']})" if r["detail"] else r["layer"]
+        lines.append(f"{r['name']:>3}  {label:<34} {str(tuple(r['output_shape'])):<16} {r['params']:>10,}")
+    lines.append("-" * len(head))
+    lines.append(f"total params {s['total_params']:,} (trainable {s['trainable_params']:,}, "
+                 f"non-trainable {s['non_trainable_params']:,}); BN running-stat buffers {s['buffers']:,}")
+    return "\n".join(lines)

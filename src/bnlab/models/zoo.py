@@ -1,0 +1,81 @@
+"""The reference networks of the five tutorials (see shared/BRIEF.md), as specs.
+
+Each entry is data: the network without BN, its default activation, and (where the tutorial
+has one) its own BN placement, used with ``bn="tutorial"``.
+"""
+
+from __future__ import annotations
+
+from bnlab.errors import ConfigError
+
+
+def _conv(out, kernel, **kw):
+    return {"type": "conv", "out": out, "kernel": kernel, **kw}
+
+
+def _dense(out, **kw):
+    return {"type": "dense", "out": out, **kw}
+
+
+POOL2 = {"type": "pool", "kind": "max", "size": 2, "stride": 2}
+FLAT = {"type": "flatten"}
+BN = {"type": "bn"}
+RELU = {"type": "activation", "fn": "relu"}
+
+ZOO: dict[str, dict] = {
+    "deeplizard-cnn": {
+        "name": "deeplizard-cnn",
+        "description": "deeplizard's Fashion-MNIST CNN: conv5x5(6)-pool-conv5x5(12)-pool-fc120-fc60-fc10",
+        "activation": "relu",
+        "layers": [_conv(6, 5), POOL2, _conv(12, 5), POOL2, FLAT, _dense(120), _dense(60), _dense("classes")],
+        # The tutorial's BN net: BatchNorm2d(6) after the first max-pool, BatchNorm1d(120) after
+        # the first linear layer's ReLU.
+        "tutorial_bn": [_conv(6, 5), RELU, POOL2, BN, _conv(12, 5), RELU, POOL2, FLAT,
+                        _dense(120), RELU, BN, _dense(60), RELU, _dense("classes")],
+        "datasets": ["fashion-mnist", "mnist", "cifar10", "image-folder"],
+    },
+    "s4tf-cnn": {
+        "name": "s4tf-cnn",
+        "description": "Swift for TensorFlow MNIST CNN: conv3x3(32)-conv3x3(64)-pool-conv3x3(64)-fc128-fc10",
+        "activation": "relu",
+        "layers": [_conv(32, 3), _conv(64, 3), POOL2, _conv(64, 3), FLAT, _dense(128), _dense("classes")],
+        # One BN after every conv layer (S4TF's Conv2D applies its ReLU inside the layer).
+        "tutorial_bn": [_conv(32, 3), RELU, BN, _conv(64, 3), RELU, BN, POOL2, _conv(64, 3), RELU, BN, FLAT,
+                        _dense(128), RELU, _dense("classes")],
+        "datasets": ["mnist", "fashion-mnist", "cifar10", "image-folder"],
+    },
+    "keras-mlp": {
+        "name": "keras-mlp",
+        "description": "the TensorFlow talk's Keras MLP: flatten-dense256-dense128-dense10",
+        "activation": "relu",
+        "layers": [FLAT, _dense(256), _dense(128), _dense("classes")],
+        "datasets": ["mnist", "fashion-mnist", "digits", "iris", "cifar10", "image-folder"],
+    },
+    "ioffe-mlp": {
+        "name": "ioffe-mlp",
+        "description": "the BN paper's Fig. 1 MLP: 3 x 100 sigmoid units, small Gaussian init, BN before each sigmoid",
+        "activation": "sigmoid",
+        "init": {"kind": "normal", "std": 0.1},
+        "layers": [FLAT, _dense(100), _dense(100), _dense(100), _dense("classes")],
+        "tutorial_bn": [FLAT, _dense(100), BN, {"type": "activation", "fn": "sigmoid"},
+                        _dense(100), BN, {"type": "activation", "fn": "sigmoid"},
+                        _dense(100), BN, {"type": "activation", "fn": "sigmoid"}, _dense("classes")],
+        "datasets": ["mnist", "fashion-mnist", "digits", "iris", "cifar10", "image-folder"],
+    },
+    "cifar-cnn": {
+        "name": "cifar-cnn",
+        "description": "the crash course's CIFAR-10 CNN: conv4x4(32)-pool-conv4x4(64)-pool-fc1024-dropout-fc10 ('same' padding)",
+        "activation": "relu",
+        # TF's padding='SAME' with a 4x4 kernel pads 1 before and 2 after; padding=2 and the
+        # pooling floor give the same 8x8x64 = 4096 features for 32x32 inputs.
+        "layers": [_conv(32, 4, padding=2), POOL2, _conv(64, 4, padding=2), POOL2, FLAT,
+                   _dense(1024), {"type": "dropout", "p": 0.5}, _dense("classes")],
+        "datasets": ["cifar10", "fashion-mnist", "mnist", "image-folder"],
+    },
+}
+
+
+def get_spec(name: str) -> dict:
+    if name not in ZOO:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass a spec .toml file")
+    return ZOO[name]

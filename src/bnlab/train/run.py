@@ -1,0 +1,69 @@
+"""One training run from settings: load data, build the network, fit, optionally checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab import data as bdata
+from bnlab import models
+from bnlab.train.augment import Augment
+from bnlab.train.callbacks import EarlyStopping
+from bnlab.train.checkpoint import save_checkpoint
+from bnlab.train.loop import History, fit
+from bnlab.train.settings import TrainSettings
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    history: History
+    settings: TrainSettings
+    spec: dict
+    build: dict
+    train: bdata.Dataset
+    test: bdata.Dataset
+
+
+def load_data(s: TrainSettings) -> tuple[bdata.Dataset, bdata.Dataset]:
+    """Train and test splits for the settings (standardized with train statistics, limited if asked)."""
+    opts = {k: v for k, v in (("image_size", s.image_size), ("channels", s.channels)) if v is not None}
+    train = bdata.load(s.dataset, "train", s.data_dir, **opts)
+    if s.train_limit:
+        train = train.subset(s.train_limit)
+    std = bdata.Standardizer.fit(train, s.standardize)
+    test = bdata.load(s.dataset, "test", s.data_dir, standardize=std, **opts)
+    if s.test_limit:
+        test = test.subset(s.test_limit)
+    return train.standardized(std), test
+
+
+def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Module, dict, dict]:
+    """The network for the settings, initialized from ``s.seed`` (as deeplizard seeds both nets)."""
+    spec = models.resolve_spec(s.model)
+    build = {"input_shape": list(input_shape), "num_classes": num_classes, "bn": s.bn, "norm": s.norm,
+             "bn_impl": s.bn_impl, "activation": s.activation, "dropout": s.dropout,
+             "virtual_batch_size": s.virtual_batch_size}
+    torch.manual_seed(s.seed)
+    return models.build_from_spec(spec, **build), spec, build
+
+
+def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None, on_epoch=None,
+          checkpoint: str | Path | None = None, datasets=None) -> RunResult:
+    """Run the settings end to end. ``datasets=(train, test)`` skips loading (sweeps reuse data)."""
+    s = settings.validate()
+    train_ds, test_ds = datasets if datasets is not None else load_data(s)
+    model, spec, build = build_model(s, train_ds.input_shape, train_ds.num_classes)
+    cbs = list(callbacks)
+    if s.early_stopping:
+        cbs.append(EarlyStopping(patience=s.early_stopping))
+    history = fit(model, train_ds, test_ds, optimizer=s.optimizer, lr=s.lr, batch_size=s.batch_size,
+                  epochs=s.epochs, seed=s.seed, momentum=s.momentum, weight_decay=s.weight_decay,
+                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, on_epoch=on_epoch)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
+                        classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict())
+    return RunResult(model, history, s, spec, build, train_ds, test_ds)
