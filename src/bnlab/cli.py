@@ -85,6 +85,148 @@ def cmd_data_fetch(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- models
+
+def cmd_models_list(args) -> int:
+    from bnlab.models import ZOO
+
+    rows = [{"name": n, "description": e["description"], "activation": e["activation"],
+             "tutorial_bn": bool(e.get("tutorial_bn")), "datasets": e.get("datasets", [])} for n, e in ZOO.items()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:<15} {r['description']}")
+        print(f"{'':<15} activation {r['activation']}; bn=tutorial {'yes' if r['tutorial_bn'] else 'no'}; "
+              f"datasets: {', '.join(r['datasets'])}")
+    return 0
+
+
+def _input_for(dataset: str, data_dir, image_size=None, channels=None) -> tuple[tuple[int, ...], int]:
+    """Input shape and class count of a dataset, reading only what is needed."""
+    from bnlab.data import load
+
+    opts = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if v is not None}
+    ds = load(dataset, "test", data_dir, **opts)
+    return ds.input_shape, ds.num_classes
+
+
+def cmd_models_show(args) -> int:
+    from bnlab.models import build, format_summary, summary
+
+    if args.input_shape:
+        shape, classes = tuple(int(v) for v in args.input_shape.split(",")), args.classes
+    else:
+        shape, classes = _input_for(args.dataset, args.data_dir, args.image_size, args.channels)
+    model = build(args.name, bn=args.bn, norm=args.norm, bn_impl=args.bn_impl, activation=args.activation,
+                  input_shape=shape, num_classes=classes)
+    s = summary(model, shape)
+    if args.json:
+        _print_json(s)
+    else:
+        print(format_summary(s, f"{args.name} (bn={args.bn}, norm={args.norm}) for {args.dataset or 'input'} {shape}"))
+    return 0
+
+
+# ---------------------------------------------------------------- train / evaluate / predict
+
+def _finite(x):
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def settings_from_args(args):
+    from bnlab.train import TrainSettings
+
+    return TrainSettings(
+        dataset=args.dataset, model=args.model, bn=args.bn, bn_impl=args.bn_impl, norm=args.norm,
+        virtual_batch_size=args.virtual_batch_size, activation=args.activation, dropout=args.dropout,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, standardize=args.standardize,
+        augment=args.augment, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
+        image_size=args.image_size, channels=args.channels, early_stopping=args.early_stopping,
+    ).validate()
+
+
+def _epoch_line(r: dict) -> str:
+    test = f"  test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}" if "test_acc" in r else ""
+    return f"epoch {r['epoch']:>3}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test}  {r['seconds']:.1f}s"
+
+
+def cmd_train(args) -> int:
+    from bnlab.train import train
+
+    s = settings_from_args(args)
+    on_epoch = None if args.json else (lambda r: print(_epoch_line(r), flush=True))
+    progress = False if (args.quiet or args.json) else None
+    res = train(s, progress=progress, on_epoch=on_epoch, checkpoint=args.checkpoint)
+    h = res.history
+    out = {"status": h.status, "settings": s.to_dict(), "epochs": h.epochs, "steps": h.steps,
+           "stop_reason": h.stop_reason, "checkpoint": args.checkpoint}
+    if args.json:
+        print(json.dumps(_finite(out)))
+        return 0
+    final = h.final()
+    if h.status == "diverged":
+        print(f"diverged: {h.stop_reason} (try a smaller --lr or --bn after)")
+    elif final:
+        print(f"done: {len(h.epochs)} epoch(s), {h.steps} steps, final train acc {final['train_acc']:.4f}, "
+              f"test acc {final.get('test_acc', float('nan')):.4f}, {sum(e['seconds'] for e in h.epochs):.1f}s"
+              + (f" ({h.stop_reason})" if h.stop_reason else ""))
+    if args.checkpoint:
+        print(f"checkpoint written to {args.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bnlab.data import load
+    from bnlab.train import evaluate, format_report, load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    st = ck.settings
+    name = args.dataset or st.get("dataset")
+    data_dir = args.data_dir if args.data_dir is not None else st.get("data_dir")
+    opts = {k: st[k] for k in ("image_size", "channels") if st.get(k) is not None}
+    data = load(name, args.split, data_dir, standardize=ck.standardizer, **opts)
+    if tuple(data.input_shape) != ck.input_shape or data.num_classes != len(ck.classes):
+        from bnlab.errors import ConfigError
+
+        raise ConfigError(f"{name} has inputs {data.input_shape} and {data.num_classes} classes, but the checkpoint "
+                          f"expects {ck.input_shape} and {len(ck.classes)}: evaluate on the dataset it was trained on")
+    rep = evaluate(ck.model, data)
+    if args.confusion:
+        from bnlab.report.plots import confusion_matrix
+
+        confusion_matrix(rep["confusion"], data.classes, args.confusion, title=f"{name} {args.split}")
+        rep["confusion_png"] = args.confusion
+    if args.json:
+        _print_json(rep)
+    else:
+        print(format_report(rep))
+        if args.confusion:
+            print(f"wrote {args.confusion}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from bnlab.train import load_checkpoint, predict_images
+
+    ck = load_checkpoint(args.checkpoint)
+    results = predict_images(ck, args.images, args.top_k)
+    if args.json:
+        _print_json(results)
+        return 0
+    for r in results:
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+        print(f"{r['image']}: {top}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
@@ -108,6 +250,41 @@ def _add_data_dir(p) -> None:
 def _add_image_options(p) -> None:
     p.add_argument("--image-size", type=int, help="image-folder: resize images to this square size (default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image-folder: 1 = grayscale, 3 = RGB (default 3)")
+
+
+def _add_model_options(p) -> None:
+    from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
+
+    p.add_argument("--bn", default="none", choices=BN_PLACEMENTS,
+                   help="where BN goes: none, before/after each activation, or the tutorial's own placement")
+    p.add_argument("--bn-impl", default="bnlab", choices=BN_IMPLS, help="bnlab's BN layers or torch's")
+    p.add_argument("--norm", default="batch", choices=NORMS, help="batch norm, batch renorm or ghost batch norm")
+    p.add_argument("--activation", choices=tuple(ACTIVATIONS), help="override the network's activation")
+
+
+def _add_train_options(p) -> None:
+    from bnlab.train import OPTIMIZERS
+
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (see 'bnlab data list')")
+    _add_data_dir(p)
+    _add_image_options(p)
+    p.add_argument("--model", default="deeplizard-cnn", help="zoo name (see 'bnlab models list') or spec .toml")
+    _add_model_options(p)
+    p.add_argument("--virtual-batch-size", type=int, default=32, help="ghost BN virtual batch size")
+    p.add_argument("--dropout", type=float, help="override the dropout probability of the network's dropout layers")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--standardize", default="zscore", choices=("none", "scale", "zscore"),
+                   help="input standardization, statistics from the train split (default zscore)")
+    p.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts of training images")
+    p.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop when test loss stalls this many epochs")
+    p.add_argument("--train-limit", type=int, help="use only the first N training examples")
+    p.add_argument("--test-limit", type=int, help="use only the first N test examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +321,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", help="base URL serving the same files (checksums still enforced)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_data_fetch)
+
+    models = sub.add_parser("models", help="list and show the network zoo")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = msub.add_parser("list", help="the reference networks")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("show", help="a Keras-style summary: layers, output shapes, parameters")
+    p.add_argument("name", help="zoo name or spec .toml file")
+    _add_model_options(p)
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset whose input shape and classes to use")
+    _add_data_dir(p)
+    _add_image_options(p)
+    p.add_argument("--input-shape", help="e.g. 1,28,28 (instead of --dataset)")
+    p.add_argument("--classes", type=int, default=10, help="with --input-shape: number of classes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_show)
+
+    p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics")
+    _add_train_options(p)
+    p.add_argument("--checkpoint", help="write the trained network here (.pt)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, loss, per-class precision/recall/F1 of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", help="default: the dataset it was trained on")
+    _add_data_dir(p)
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--confusion", help="write the confusion matrix as a PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files with a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")
     _add_data_dir(p)

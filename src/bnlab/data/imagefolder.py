@@ -25,7 +25,7 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
         im = im.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 

@@ -35,8 +35,45 @@ def sample_grid(dataset, path: str | Path, n: int = 36, seed: int = 0, cols: int
         ax.set_title(dataset.classes[int(dataset.y[i])], fontsize=7)
     fig.suptitle(f"{dataset.name} ({dataset.split}, {n} of {len(dataset)})", fontsize=9)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Save a figure atomically (temporary file, then rename) and close it."""
+    import os
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def confusion_matrix(cm, classes, path: str | Path, title: str = "") -> Path:
+    """Save a confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+    import numpy as np
+
+    cm = np.asarray(cm)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > top / 2 else "black")
+    ax.set_title(title or "confusion matrix", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

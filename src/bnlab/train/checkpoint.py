@@ -50,7 +50,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "standardizer": standardizer.to_dict(), "classes": list(classes),
         "settings": settings or {}, "history": history or {},
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
