@@ -175,7 +175,7 @@ def test_cli_train_json_and_errors(capsys, tmp_path):
                          (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
                          (["train", "--epochs", "0"], "epochs must be a positive"),
                          (["evaluate", str(tmp_path / "missing.pt")], "does not exist"),
-                         (["predict", str(tmp_path / "c.pt"), str(tmp_path / "cm.png")], "not images")]:
+                         (["predict", str(tmp_path / "c.pt"), str(tmp_path / "c.pt")], "is not an image")]:
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and needle in err and err.startswith("bnlab: error:"), (argv, err)
