@@ -86,7 +86,11 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     for c in range(x.shape[1]):
         xc = x[:, c]
         if xc.dtype == torch.uint8:
-            counts = np.bincount(xc.numpy().reshape(-1), minlength=256).astype(np.float64)
+            flat = xc.reshape(-1).numpy()
+            counts = np.zeros(256, dtype=np.float64)
+            # bincount widens its input to int64: chunks keep that temporary at 8 MB, not 8x the split
+            for start in range(0, len(flat), 1 << 20):
+                counts += np.bincount(flat[start:start + (1 << 20)], minlength=256)
             values = np.arange(256, dtype=np.float64)
             n = counts.sum()
             m = (counts * values).sum() / n
