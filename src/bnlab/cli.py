@@ -146,7 +146,7 @@ def settings_from_args(args):
     return TrainSettings(
         dataset=args.dataset, model=args.model, bn=args.bn, bn_impl=args.bn_impl, norm=args.norm,
         virtual_batch_size=args.virtual_batch_size, activation=args.activation, dropout=args.dropout,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, momentum=args.momentum, weight_decay=args.weight_decay,
         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, standardize=args.standardize,
         augment=args.augment, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
         image_size=args.image_size, channels=args.channels, early_stopping=args.early_stopping,
@@ -274,6 +274,8 @@ def _add_train_options(p) -> None:
     p.add_argument("--dropout", type=float, help="override the dropout probability of the network's dropout layers")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--schedule", default="constant", choices=("constant", "onecycle", "cosine"),
+                   help="learning-rate schedule per step; --lr is its peak")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=1000)

@@ -72,6 +72,17 @@ ZOO: dict[str, dict] = {
                    _dense(1024), {"type": "dropout", "p": 0.5}, _dense("classes")],
         "datasets": ["cifar10", "fashion-mnist", "mnist", "image-folder"],
     },
+    "fast-cnn": {
+        "name": "fast-cnn",
+        "description": "bnlab's time-to-accuracy CNN: 3 x (conv3x3 pad 1, pool) 16-32-64, fc128, dropout 0.3, fc10",
+        "activation": "relu",
+        # Cheap on CPU: the expensive 28x28 stage has only 16 channels, channels grow as the
+        # maps shrink. With bn=before, Adam + one-cycle (peak 0.01), batch 128, 4 epochs it
+        # reaches 92% Fashion-MNIST test accuracy in about a minute on 2 cores (benchmarks/).
+        "layers": [_conv(16, 3, padding=1), POOL2, _conv(32, 3, padding=1), POOL2, _conv(64, 3, padding=1), POOL2,
+                   FLAT, _dense(128), {"type": "dropout", "p": 0.3}, _dense("classes")],
+        "datasets": ["fashion-mnist", "mnist", "cifar10", "image-folder"],
+    },
 }
 
 

@@ -58,6 +58,21 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_d
     raise ConfigError(f"unknown optimizer {name!r}: choose adam, adamw, sgd or momentum")
 
 
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def make_schedule(name: str, opt, lr: float, total_steps: int):
+    """A per-step learning-rate schedule: ``constant``, ``onecycle`` (warm up to ``lr`` over the
+    first 30% of steps, then anneal; Smith 2018) or ``cosine`` (from ``lr`` to 0)."""
+    if name == "constant":
+        return None
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 2))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    raise ConfigError(f"unknown lr schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+
+
 @torch.no_grad()
 def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode (mode restored)."""
@@ -87,12 +102,13 @@ def _progress_bar(total: int, desc: str, enabled: bool | None):
 def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: float = 0.01, batch_size: int = 1000,
         epochs: int = 1, seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
         augment: Augment | bool | None = None, callbacks=(), progress: bool | None = None,
-        on_epoch=None) -> History:
+        on_epoch=None, schedule: str = "constant") -> History:
     """Train ``model`` on ``train`` (a :class:`bnlab.data.Dataset`) and evaluate on ``test``.
 
     Same seed, same data and same model state give an identical history on CPU: the seed drives
     shuffling, augmentation and dropout. A non-finite loss ends the run with status ``diverged``.
-    ``on_epoch(record)`` is called after each epoch (the CLI prints from it).
+    ``on_epoch(record)`` is called after each epoch (the CLI prints from it). ``schedule`` sets
+    the learning rate per step (see :func:`make_schedule`); ``lr`` is its peak.
     """
     if augment is True:
         augment = Augment()
@@ -108,6 +124,7 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
     # A last batch of one example cannot be batch-normalized; drop it (it changes nothing else).
     drop_last = len(train) % batch_size == 1
     n_batches = train.num_batches(batch_size, drop_last)
+    scheduler = make_schedule(schedule, opt, lr, n_batches * epochs)
     for epoch in range(1, epochs + 1):
         state.epoch = epoch
         model.train()
@@ -128,6 +145,8 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             with torch.no_grad():
                 loss_sum += loss.detach().double() * len(y)
                 correct += (out.argmax(1) == y).sum()

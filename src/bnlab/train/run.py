@@ -62,7 +62,8 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         cbs.append(EarlyStopping(patience=s.early_stopping))
     history = fit(model, train_ds, test_ds, optimizer=s.optimizer, lr=s.lr, batch_size=s.batch_size,
                   epochs=s.epochs, seed=s.seed, momentum=s.momentum, weight_decay=s.weight_decay,
-                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, on_epoch=on_epoch)
+                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, on_epoch=on_epoch,
+                  schedule=s.schedule)
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
                         classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict())

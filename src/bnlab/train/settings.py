@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from bnlab.data import STANDARDIZE_MODES
 from bnlab.errors import ConfigError
 from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
+from bnlab.train.loop import SCHEDULES
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
+
 
 
 @dataclass
@@ -26,6 +28,7 @@ class TrainSettings:
     dropout: float | None = None
     optimizer: str = "adam"
     lr: float = 0.01
+    schedule: str = "constant"
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 1000
@@ -54,6 +57,7 @@ class TrainSettings:
         choice("bn_impl", self.bn_impl, BN_IMPLS)
         choice("norm", self.norm, NORMS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("schedule", self.schedule, SCHEDULES)
         choice("standardize", self.standardize, STANDARDIZE_MODES)
         if self.activation is not None:
             choice("activation", self.activation, tuple(ACTIVATIONS))
