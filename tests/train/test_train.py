@@ -217,3 +217,36 @@ def test_progress_bar_shows_on_a_tty():
     finally:
         sys.stderr = old
     assert "epoch 1/1" in err.getvalue()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_lr_schedules_peak_at_lr_and_anneal(schedule):
+    from bnlab import models
+    from bnlab.data import load
+
+    seen = []
+
+    class LR(Callback):
+        def on_batch_end(self, state):
+            seen.append(state.optimizer.param_groups[0]["lr"])
+
+    tr = load("digits", "train", standardize="zscore")
+    m = models.build("keras-mlp", input_shape=tr.input_shape, num_classes=10)
+    fit(m, tr, None, lr=0.05, batch_size=128, epochs=3, schedule=schedule, callbacks=[LR()], progress=False)
+    assert max(seen) == pytest.approx(0.05, rel=0.05) and seen[-1] < 0.05 * 0.05
+    if schedule == "onecycle":
+        assert seen[0] < 0.05 * 0.1 and seen.index(max(seen)) > 0
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainSettings(schedule="step").validate()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(capsys, tmp_path):
+    from conftest import FMNIST_DIR
+
+    if not Path(FMNIST_DIR).is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    code = main(["demo", "--epochs", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "train 60000, test 10000" in out and "BN" in out
+    assert (tmp_path / "fashion-mnist-grid.png").is_file()
