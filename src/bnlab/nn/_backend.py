@@ -118,6 +118,17 @@ class CppBackend:
     def backward_eval(self, dy, x, weight, running_mean, running_var, eps, need_dx):
         return tuple(self.m.backward_eval(dy, x, weight, running_mean, running_var, eps, need_dx))
 
+    # The C++ twins of functional.BatchNormTrain / BatchNormEval (same math, no Python per call).
+    def train_autograd(self, x, weight, bias, running_mean, running_var, momentum, eps):
+        if not all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var)):
+            y, mean, var = self.m.train_autograd(x, weight, bias, None, None, momentum, eps)
+            update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+            return y, mean, var
+        return tuple(self.m.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps))
+
+    def eval_autograd(self, x, running_mean, running_var, weight, bias, eps):
+        return self.m.eval_autograd(x, running_mean, running_var, weight, bias, eps)
+
 
 def _build_key() -> str:
     cpu = ""

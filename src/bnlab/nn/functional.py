@@ -21,7 +21,9 @@ through mu_B and sigma2_B gives::
     dx_i   = gamma * invstd / M * (M * dy_i - sum_j dy_j - xhat_i * sum_j dy_j * xhat_j)
 
 (d/dx_i of mu_B is 1/M; of sigma2_B is 2 (x_i - mu_B)/M; the two terms after M*dy_i are those
-paths.) The kernels compute dx as a*dy + b*x + c per channel in one pass (see _backend.py).
+paths.) The kernels compute dx as a*dy + b*(x - mu_B) + k per channel in one pass
+(csrc/batchnorm.cpp). With the compiled backend the two Functions below run as their C++ twins
+(same math, no per-call Python); the eager backend runs them as written here.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def batch_norm_stats(input, running_mean, running_var, weight=None, bias=None, m
     verify_batch_size(input.size())
     backend = get_backend(input)
     if _needs_graph(input, weight, bias):
+        if backend.name == "cpp":
+            return backend.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps)
         stats = []
         y = BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, stats)
         return y, stats[0][0], stats[0][1]
@@ -107,11 +111,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         verify_batch_size(input.size())
         backend = get_backend(input)
         if _needs_graph(input, weight, bias):
+            if backend.name == "cpp":
+                return backend.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps)[0]
             return BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, None)
         return backend.forward_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
     backend = get_backend(input)
     if _needs_graph(input, weight, bias):
+        if backend.name == "cpp":
+            return backend.eval_autograd(input, running_mean, running_var, weight, bias, eps)
         return BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps, backend)
     return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)

@@ -26,12 +26,17 @@
 namespace {
 
 constexpr int64_t kChannelBlock = 16;  // channels per task in the dense statistics passes
+constexpr int64_t kMinTaskWork = 65536;  // elements below which a task is not worth a thread
+
+// Grain for at::parallel_for over items of `work` elements each: small inputs run inline,
+// because waking the thread pool costs more than it saves.
+inline int64_t grain(int64_t work) { return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work, 1)); }
 
 template <typename T>
 void collect_stats(const T* x, int64_t N, int64_t C, int64_t S, double* mean, double* var) {
   const double M = static_cast<double>(N * S);
   if (S == 1) {
-    at::parallel_for(0, C, kChannelBlock, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max(kChannelBlock, grain(N)), [&](int64_t c0, int64_t c1) {
       const int64_t w = c1 - c0;
       std::vector<double> sum(w, 0.0), sq(w, 0.0);
       for (int64_t n = 0; n < N; ++n) {
@@ -55,7 +60,7 @@ void collect_stats(const T* x, int64_t N, int64_t C, int64_t S, double* mean, do
     });
     return;
   }
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double total = 0.0;
       for (int64_t n = 0; n < N; ++n) {
@@ -91,7 +96,7 @@ template <typename T>
 void affine_pass(const T* x, const T* dy, const T* m, const T* a, const T* b, const T* k, T* out,
                  int64_t N, int64_t C, int64_t S) {
   if (S == 1) {
-    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, grain(C), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const T* xr = x + n * C;
         T* o = out + n * C;
@@ -107,7 +112,7 @@ void affine_pass(const T* x, const T* dy, const T* m, const T* a, const T* b, co
     });
     return;
   }
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / S), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, N * C, grain(S), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
       const T* xp = x + p * S;
@@ -130,7 +135,7 @@ template <typename T>
 void grad_sums(const T* dy, const T* x, const double* mean, int64_t N, int64_t C, int64_t S,
                double* sum_dy, double* dot) {
   if (S == 1) {
-    at::parallel_for(0, C, kChannelBlock, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max(kChannelBlock, grain(N)), [&](int64_t c0, int64_t c1) {
       const int64_t w = c1 - c0;
       std::vector<double> s1(w, 0.0), s2(w, 0.0);
       for (int64_t n = 0; n < N; ++n) {
@@ -149,7 +154,7 @@ void grad_sums(const T* dy, const T* x, const double* mean, int64_t N, int64_t C
     });
     return;
   }
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const T mt = static_cast<T>(mean[c]);
       double t1 = 0.0, t2 = 0.0;
@@ -343,7 +348,73 @@ std::vector<torch::Tensor> backward_train(torch::Tensor dy, torch::Tensor x, c10
   return {dx, dgamma, dbeta};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same two steps as autograd Functions in C++ (functional.py has the Python twins): calling
+// them skips Python's per-call autograd overhead, which dominates on small dense layers.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Function::apply needs defined tensors, so an absent weight/bias/running stat travels as an
+// empty tensor and becomes nullopt again here.
+inline c10::optional<torch::Tensor> opt(const torch::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+}
+
+struct BatchNormTrainFn : public torch::autograd::Function<BatchNormTrainFn> {
+  // returns {y, batch mean, biased batch var}; the statistics are not differentiable
+  static variable_list forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                               torch::Tensor running_mean, torch::Tensor running_var, double momentum, double eps) {
+    auto out = forward_train(x, opt(weight), opt(bias), opt(running_mean), opt(running_var), momentum, eps);
+    ctx->save_for_backward({x, weight, out[1], out[3]});
+    ctx->mark_non_differentiable({out[1], out[2]});
+    return {out[0], out[1], out[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto r = backward_train(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], ctx->needs_input_grad(0));
+    return {r[0], ctx->needs_input_grad(1) ? r[1] : torch::Tensor(), ctx->needs_input_grad(2) ? r[2] : torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+struct BatchNormEvalFn : public torch::autograd::Function<BatchNormEvalFn> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor running_mean,
+                               torch::Tensor running_var, torch::Tensor weight, torch::Tensor bias, double eps) {
+    ctx->save_for_backward({x, weight, running_mean, running_var});
+    ctx->saved_data["eps"] = eps;
+    return forward_eval(x, running_mean, running_var, opt(weight), opt(bias), eps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto r = backward_eval(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
+                           ctx->needs_input_grad(0));
+    return {r[0], torch::Tensor(), torch::Tensor(), ctx->needs_input_grad(3) ? r[1] : torch::Tensor(),
+            ctx->needs_input_grad(4) ? r[2] : torch::Tensor(), torch::Tensor()};
+  }
+};
+
+inline torch::Tensor or_empty(const c10::optional<torch::Tensor>& t, const torch::Tensor& like) {
+  return t.has_value() && t->defined() ? *t : torch::empty({0}, like.options());
+}
+
+variable_list train_autograd(torch::Tensor x, c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias,
+                             c10::optional<torch::Tensor> running_mean, c10::optional<torch::Tensor> running_var,
+                             double momentum, double eps) {
+  return BatchNormTrainFn::apply(x, or_empty(weight, x), or_empty(bias, x), or_empty(running_mean, x),
+                                 or_empty(running_var, x), momentum, eps);
+}
+
+torch::Tensor eval_autograd(torch::Tensor x, torch::Tensor running_mean, torch::Tensor running_var,
+                            c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias, double eps) {
+  return BatchNormEvalFn::apply(x, running_mean, running_var, or_empty(weight, x), or_empty(bias, x), eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("train_autograd", &train_autograd, "batch norm with batch statistics, differentiable (C++ autograd)");
+  m.def("eval_autograd", &eval_autograd, "batch norm with running statistics, differentiable (C++ autograd)");
   m.def("forward_train", &forward_train, "batch norm forward with batch statistics");
   m.def("backward_train", &backward_train, "batch norm backward with batch statistics");
   m.def("forward_eval", &forward_eval, "batch norm forward with running statistics");
