@@ -60,13 +60,20 @@ class Standardizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 standardized copy of a batch ``x`` (uint8 or float)."""
-        x = x.to(torch.float32)
+        out = x.to(torch.float32, copy=True)
         if self.mode == "none":
-            return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
-        inv = torch.tensor([1.0 / s for s in self.std], dtype=torch.float32).view(shape)
-        return (x - mean).mul_(inv)
+            return out
+        mean, inv = self._tensors(x.dim())
+        return out.sub_(mean).mul_(inv)
+
+    def _tensors(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # built once per input rank and cached: this runs for every batch
+        cache = self.__dict__.setdefault("_cache", {})
+        if dim not in cache:
+            shape = (1, -1) + (1,) * (dim - 2)
+            cache[dim] = (torch.tensor(self.mean, dtype=torch.float32).view(shape),
+                          torch.tensor([1.0 / s for s in self.std], dtype=torch.float32).view(shape))
+        return cache[dim]
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "mean": list(self.mean), "std": list(self.std)}
