@@ -227,6 +227,88 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- experiments
+
+def _store(args, create=False):
+    from bnlab.experiments import RunStore
+
+    return RunStore(args.store, create=create)
+
+
+def cmd_sweep(args) -> int:
+    from bnlab.experiments import load_config, run_sweep
+
+    cfg = load_config(args.config)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else None
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    summary = run_sweep(cfg, args.store, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+                        tensorboard=args.tensorboard, overrides=overrides, log=log)
+    statuses = list(summary.finished.values())
+    line = (f"sweep {cfg.name!r}: {summary.total} run(s), {summary.skipped} already finished, "
+            f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, {statuses.count('failed')} failed "
+            f"now ({summary.seconds:.1f}s); results: bnlab results --store {args.store} --sweep {cfg.name}")
+    if args.json:
+        print(json.dumps({"sweep": cfg.name, "total": summary.total, "skipped": summary.skipped,
+                          "finished": summary.finished, "seconds": summary.seconds, "store": args.store}))
+    else:
+        print(line)
+    return 0
+
+
+def cmd_results(args) -> int:
+    from bnlab.report.sweeps import results_table
+
+    with _store(args) as store:
+        if args.sweep is None and not args.all:
+            sweeps = store.sweeps()
+            if args.format == "json":
+                _print_json(sweeps)
+                return 0
+            if not sweeps:
+                print(f"no sweeps in {args.store} yet")
+                return 0
+            print(f"sweeps in {args.store} (pick one with --sweep NAME, or --all):")
+            for sw in sweeps:
+                print(f"  {sw['name']:<30} {sw['finished']}/{sw['runs']} runs finished")
+            return 0
+        fmt = "json" if args.json else args.format
+        group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
+        print(results_table(store, args.sweep, args.where, args.sort, group_by, fmt))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bnlab.experiments import compare, rows
+    from bnlab.report.sweeps import format_compare
+
+    with _store(args) as store:
+        c = compare(rows(store.runs(args.sweep), args.where), args.by, args.metric)
+    if args.json:
+        print(json.dumps(_finite(c), indent=2))
+    else:
+        print(format_compare(c))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from bnlab.report.sweeps import plot_sweep
+
+    group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
+    with _store(args) as store:
+        path = plot_sweep(store, args.sweep, args.output, args.metric, group_by, args.where)
+    print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bnlab.report.sweeps import html_report
+
+    with _store(args) as store:
+        path = html_report(store, args.sweep, args.output, args.by)
+    print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
@@ -378,6 +460,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+    from bnlab.experiments.store import DEFAULT_STORE
+
+    def add_store(p):
+        p.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite run store (default {DEFAULT_STORE})")
+
+    p = sub.add_parser("sweep", help="run a grid of settings x seeds from a TOML config; re-running resumes")
+    p.add_argument("config", help="sweep config .toml (see experiments/)")
+    add_store(p)
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (torch threads = cores / N)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files per run under DIR")
+    _add_data_dir(p)
+    p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("results", help="one row per run (or per group, with mean/std/95%% CI over seeds)")
+    add_store(p)
+    p.add_argument("--sweep", help="sweep name (without it: list the sweeps)")
+    p.add_argument("--all", action="store_true", help="every run in the store")
+    p.add_argument("--where", help='filter, e.g. "bn=after,lr=0.01"')
+    p.add_argument("--sort", default="test_acc", help="column to sort by (default test_acc, best first)")
+    p.add_argument("--group-by", help="e.g. model,bn: mean, std and 95%% CI over seeds")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("compare", help="the effect of one setting, with a Welch t-test over seeds")
+    add_store(p)
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--by", required=True, help="the setting to compare, e.g. bn")
+    p.add_argument("--metric", default="test_acc")
+    p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="learning curves of a sweep: mean over seeds with a band")
+    add_store(p)
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--metric", default="test_acc")
+    p.add_argument("--group-by", help="curves per value of these settings (default: the gridded ones)")
+    p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
+    p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a sweep")
+    add_store(p)
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--by", help="setting whose effect to test (default: the first gridded one)")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")
     _add_data_dir(p)

@@ -77,3 +77,38 @@ def confusion_matrix(cm, classes, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "confusion matrix", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def learning_curves(series: dict, path: str | Path, metric: str = "test_acc", title: str = "",
+                    ylabel: str | None = None) -> Path:
+    """Mean curve with a band (min..max over seeds, or ±1 std with 3+ seeds) per group.
+
+    ``series`` maps a group label to a list of per-seed curves, each a list of (epoch, value).
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, curves in series.items():
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        epochs = np.array([e for e, _ in curves[0][:n]])
+        vals = np.array([[v for _, v in c[:n]] for c in curves], dtype=float)
+        mean = np.nanmean(vals, axis=0)
+        line, = ax.plot(epochs, mean, marker="o", ms=3, label=f"{label} (n={len(curves)})")
+        if len(curves) >= 3:
+            sd = np.nanstd(vals, axis=0, ddof=1)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+        elif len(curves) == 2:
+            ax.fill_between(epochs, np.nanmin(vals, 0), np.nanmax(vals, 0), color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel or metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or metric, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

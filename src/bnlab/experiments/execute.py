@@ -1,0 +1,208 @@
+"""Running the runs of a sweep: one function per run, and the executors that call it.
+
+``execute_run`` trains one run. Given a store path it claims the run and writes each epoch as it
+finishes (the last one together with the final status); without one it returns everything, for
+executors whose workers cannot reach the store (Ray). Executors: ``local`` with 1 worker (in this
+process), ``local`` with N workers (N spawned processes, cores/N torch threads each), ``ray``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from bnlab.errors import BnlabError, ConfigError
+
+_DATA_CACHE: dict = {}
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def environment() -> dict:
+    """Where a run ran: versions, threads, host."""
+    from bnlab import __version__
+    from bnlab.nn import backend_name
+
+    return {"torch": str(torch.__version__), "bnlab": __version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "host": socket.gethostname(), "bn_backend": backend_name()}
+
+
+def _datasets(settings):
+    from bnlab.train import load_data
+
+    key = (settings.dataset, settings.data_dir, settings.standardize, settings.train_limit, settings.test_limit,
+           settings.image_size, settings.channels)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # keep one dataset in memory per process
+        _DATA_CACHE[key] = load_data(settings)
+    return _DATA_CACHE[key]
+
+
+class _EpochSink:
+    """Holds back the latest epoch so the last one lands with the run's final status."""
+
+    def __init__(self, store, run_id):
+        self.store, self.run_id, self.held, self.all = store, run_id, None, []
+
+    def __call__(self, record):
+        if self.held is not None and self.store is not None:
+            self.store.add_epoch(self.run_id, self.held)
+        self.held = dict(record)
+        self.all.append(dict(record))
+
+    def tail(self):
+        if self.store is None:
+            return self.all
+        return [self.held] if self.held is not None else []
+
+
+def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
+                tensorboard: str | None = None, sweep: str = "", claimed: bool = False) -> dict:
+    """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env}``."""
+    from bnlab.experiments.store import RunStore
+    from bnlab.train import TrainSettings, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    store = RunStore(store_path) if store_path else None
+    env = environment()
+    try:
+        if store is not None and not claimed and not store.claim(run_id, os.getpid(), env):
+            return {"run_id": run_id, "status": "skipped"}
+        s = TrainSettings.from_dict(settings)
+        sink = _EpochSink(store, run_id)
+        callbacks = []
+        tb = None
+        if tensorboard:
+            from bnlab.train.tensorboard import TensorBoardLogger
+
+            tb = TensorBoardLogger(tensorboard, sweep, run_id, s.to_dict())
+        on_epoch = sink if tb is None else (lambda r: (sink(r), tb.epoch(r)))
+        try:
+            res = train(s, datasets=_datasets(s), callbacks=callbacks, progress=False, on_epoch=on_epoch)
+            status, error, stop = res.history.status, None, res.history.stop_reason
+        except BnlabError as e:
+            status, error, stop = "failed", str(e), None
+        except Exception:  # noqa: BLE001 - a failed run must not take the sweep down; the store keeps the traceback
+            status, error, stop = "failed", traceback.format_exc(limit=8), None
+        if tb is not None:
+            tb.close(status, sink.all[-1] if sink.all else {})
+        out = {"run_id": run_id, "status": status, "epochs": sink.all, "error": error, "stop_reason": stop,
+               "summary": {}, "env": env}
+        if store is not None:
+            store.finish(run_id, status, last_epochs=sink.tail(), error=error, stop_reason=stop, env=env)
+        return out
+    except BaseException:
+        if store is not None:
+            store.requeue(run_id, "interrupted")
+        raise
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Task:
+    run_id: str
+    settings: dict
+    label: str
+
+
+def run_local(tasks: list[Task], store_path: str, workers: int, tensorboard: str | None, sweep: str, report) -> None:
+    """Run tasks here (1 worker) or in ``workers`` spawned processes sharing the store file."""
+    threads = max(1, cpu_count() // workers)
+    if workers == 1:
+        old = torch.get_num_threads()
+        try:
+            for t in tasks:
+                report(t, execute_run(t.run_id, t.settings, store_path=store_path, threads=threads,
+                                      tensorboard=tensorboard, sweep=sweep))
+        finally:
+            torch.set_num_threads(old)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(execute_run, t.run_id, t.settings, store_path=store_path, threads=threads,
+                               tensorboard=tensorboard, sweep=sweep): t for t in tasks}
+        broken = False
+        for fut in as_completed(futures):
+            t = futures[fut]
+            try:
+                report(t, fut.result())
+            except BrokenProcessPool:
+                broken = True
+                report(t, {"run_id": t.run_id, "status": "interrupted",
+                           "error": "a worker process died (killed?); rerun the sweep to resume"})
+        if broken:
+            raise WorkerDied("a worker process died; finished runs are kept: run the same command again to resume")
+
+
+class WorkerDied(BnlabError):
+    """A worker process ended abruptly (killed, out of memory)."""
+
+    exit_code = 1
+
+
+def run_ray(tasks: list[Task], store, address: str | None, tensorboard: str | None, sweep: str, report,
+            workers: int | None = None) -> None:
+    """Run tasks as Ray tasks; results come back to this process, which writes the store."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = workers or cpu_count()
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from None
+    refs = {}
+    try:
+        remote = ray.remote(num_cpus=1)(execute_run)
+        for t in tasks:
+            if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
+                continue
+            refs[remote.remote(t.run_id, t.settings, threads=1, tensorboard=tensorboard, sweep=sweep)] = t
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            t = refs[done[0]]
+            try:
+                out = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a lost worker or node fails that run only
+                out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
+            store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),
+                         stop_reason=out.get("stop_reason"), env=out.get("env"))
+            report(t, out)
+    except BaseException:
+        for t in refs.values():
+            if store.status(t.run_id) == "running":
+                store.requeue(t.run_id, "interrupted")
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
