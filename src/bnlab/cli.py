@@ -309,6 +309,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from bnlab.experiments.reproduce import format_comparison, reproduce
+
+    log = (lambda m: None) if (args.quiet or args.json) else (lambda m: print(m, flush=True))
+    c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
+                  data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log)
+    if args.json:
+        print(json.dumps(_finite(c), indent=2))
+    else:
+        print()
+        print(format_comparison(c))
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
@@ -515,6 +529,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_report)
+
+    from bnlab.experiments.reproduce import recipe_names
+
+    p = sub.add_parser("reproduce", help="rerun a tutorial's experiment and show it next to the tutorial's claim")
+    p.add_argument("name", choices=recipe_names())
+    add_store(p)
+    p.add_argument("--epochs", type=int, help="fewer (or more) epochs than the recipe")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the recipe's)")
+    p.add_argument("--dataset", help="run the recipe on another dataset (e.g. fashion-mnist when MNIST is absent)")
+    _add_data_dir(p)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")
     _add_data_dir(p)
