@@ -242,7 +242,7 @@ def cmd_sweep(args) -> int:
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     summary = run_sweep(cfg, args.store, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
-                        tensorboard=args.tensorboard, overrides=overrides, log=log)
+                        tensorboard=args.tensorboard, overrides=overrides, threads=args.threads, log=log)
     statuses = list(summary.finished.values())
     line = (f"sweep {cfg.name!r}: {summary.total} run(s), {summary.skipped} already finished, "
             f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, {statuses.count('failed')} failed "
@@ -326,30 +326,32 @@ def cmd_reproduce(args) -> int:
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
+    """A reduced deeplizard BN-vs-no-BN sweep: results table, verdict, curves.png, report.html."""
     from bnlab.data import info, load
+    from bnlab.experiments.reproduce import comparison, format_comparison
+    from bnlab.experiments import RunStore, SweepConfig, run_sweep
+    from bnlab.experiments.reproduce import adapt, load_recipe
     from bnlab.report.plots import sample_grid
-    from bnlab.train import TrainSettings, load_data, train
+    from bnlab.report.sweeps import html_report, plot_sweep, results_table
 
+    out = args.out
     d = info("fashion-mnist", args.data_dir)
     print(f"fashion-mnist: train {d['train']}, test {d['test']}, shape {tuple(d['input_shape'])}, "
-          f"mean {d['mean'][0]:.4f}, std {d['std'][0]:.4f} ({d['location']})")
-    grid = sample_grid(load("fashion-mnist", "train", args.data_dir), f"{args.out}/fashion-mnist-grid.png")
-    print(f"wrote {grid}")
-    base = dict(dataset="fashion-mnist", data_dir=args.data_dir, model="deeplizard-cnn", optimizer="adam", lr=0.01,
-                batch_size=1000, epochs=args.epochs, seed=50, standardize="zscore")
-    data = load_data(TrainSettings(**base))
-    rows = []
-    for bn in ("none", "tutorial"):
-        print(f"training deeplizard-cnn bn={bn} ({args.epochs} epochs, Adam lr 0.01, batch 1000, seed 50)")
-        res = train(TrainSettings(**base, bn=bn), datasets=data, progress=None,
-                    on_epoch=lambda r: print("  " + _epoch_line(r), flush=True))
-        rows.append((bn, res.history.final()))
-    print(f"\n{'bn':<10} {'train acc':>9} {'test acc':>9} {'seconds':>8}")
-    for bn, f in rows:
-        print(f"{bn:<10} {f['train_acc']:>9.4f} {f['test_acc']:>9.4f} {f['seconds']:>8.1f}")
-    gain = rows[1][1]["test_acc"] - rows[0][1]["test_acc"]
-    print(f"BN {'raises' if gain > 0 else 'lowers'} test accuracy by {abs(gain) * 100:.1f} points after "
-          f"{args.epochs} epoch(s) (one seed; `bnlab train --help` for more)")
+          f"train mean {d['mean'][0]:.4f}, std {d['std'][0]:.4f} ({d['location']})")
+    print(f"wrote {sample_grid(load('fashion-mnist', 'train', args.data_dir), f'{out}/fashion-mnist-grid.png')}")
+    cfg: SweepConfig = adapt(load_recipe("deeplizard"), epochs=args.epochs, seeds=args.seeds)
+    store_path = f"{out}/bnlab.db"
+    print(f"\nsweep {cfg.name}: deeplizard-cnn with bn=none and bn=tutorial, {args.epochs} epochs, "
+          f"{args.seeds} seeds, Adam lr 0.01, batch 1000 ({args.workers} workers)")
+    run_sweep(cfg, store_path, workers=args.workers, overrides={"data_dir": args.data_dir} if args.data_dir else None)
+    with RunStore(store_path) as store:
+        print()
+        print(results_table(store, cfg.name, sort="test_acc"))
+        print()
+        print(format_comparison(comparison(store, cfg)))
+        curves = plot_sweep(store, cfg.name, f"{out}/curves.png", "test_acc", ["bn"])
+        report = html_report(store, cfg.name, f"{out}/report.html", "bn")
+    print(f"\nwrote {curves} and {report}; the full 20-epoch, 3-seed run: bnlab reproduce deeplizard --workers 2")
     return 0
 
 
@@ -484,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="sweep config .toml (see experiments/)")
     add_store(p)
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (torch threads = cores / N)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (same value = bit-identical results)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
     p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files per run under DIR")
@@ -548,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")
     _add_data_dir(p)
     p.add_argument("--out", default="out/demo", help="directory for the demo's files")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per network (default 2)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per setting (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -246,7 +246,8 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
 
     if not Path(FMNIST_DIR).is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    code = main(["demo", "--epochs", "1", "--out", str(tmp_path)])
+    code = main(["demo", "--epochs", "1", "--seeds", "1", "--workers", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert code == 0 and "train 60000, test 10000" in out and "BN" in out
-    assert (tmp_path / "fashion-mnist-grid.png").is_file()
+    assert code == 0 and "train 60000, test 10000" in out and "bn=tutorial vs bn=none" in out
+    for name in ("fashion-mnist-grid.png", "curves.png", "report.html", "bnlab.db"):
+        assert (tmp_path / name).is_file()

@@ -122,9 +122,11 @@ class Task:
     label: str
 
 
-def run_local(tasks: list[Task], store_path: str, workers: int, tensorboard: str | None, sweep: str, report) -> None:
-    """Run tasks here (1 worker) or in ``workers`` spawned processes sharing the store file."""
-    threads = max(1, cpu_count() // workers)
+def run_local(tasks: list[Task], store_path: str, workers: int, tensorboard: str | None, sweep: str, report,
+              threads: int | None = None) -> None:
+    """Run tasks here (1 worker) or in ``workers`` spawned processes sharing the store file, each
+    with ``threads`` torch threads (default: cores / workers)."""
+    threads = threads or max(1, cpu_count() // workers)
     if workers == 1:
         old = torch.get_num_threads()
         try:

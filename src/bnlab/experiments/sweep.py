@@ -29,8 +29,16 @@ def describe(settings: dict, keys) -> str:
 
 def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: str = "local",
               ray_address: str | None = None, tensorboard: str | None = None, overrides: dict | None = None,
-              log=print) -> SweepSummary:
-    """Run every run of ``cfg`` that the store does not have finished. Re-running resumes."""
+              threads: int | None = None, log=print) -> SweepSummary:
+    """Run every run of ``cfg`` that the store does not have finished. Re-running resumes.
+
+    Each worker uses ``threads`` torch threads (default cores / workers). Runs are deterministic
+    for a given thread count; across thread counts, CPU matrix kernels sum in another order, so
+    losses agree to ~1e-7 relative rather than bit for bit (pass the same ``threads`` to get
+    bit-identical results from any number of workers).
+    """
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads}")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}: choose local or ray")
     if not isinstance(workers, int) or workers < 1:
@@ -70,7 +78,7 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         if executor == "ray":
             run_ray(tasks, store, ray_address, tensorboard, cfg.name, report, workers)
         else:
-            run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report)
+            run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report, threads)
     finally:
         summary_time = time.perf_counter() - t0
         store.close()
