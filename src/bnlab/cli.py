@@ -150,6 +150,7 @@ def settings_from_args(args):
         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, standardize=args.standardize,
         augment=args.augment, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
         image_size=args.image_size, channels=args.channels, early_stopping=args.early_stopping,
+        track_activations=args.track_activations, track_every=args.every,
     ).validate()
 
 
@@ -161,17 +162,32 @@ def _epoch_line(r: dict) -> str:
 def cmd_train(args) -> int:
     from bnlab.train import train
 
+    from bnlab.inspect import tracker_for
+    from bnlab.train import load_data
+
     s = settings_from_args(args)
     on_epoch = None if args.json else (lambda r: print(_epoch_line(r), flush=True))
     progress = False if (args.quiet or args.json) else None
-    res = train(s, progress=progress, on_epoch=on_epoch, checkpoint=args.checkpoint)
+    data = load_data(s)
+    tracker = tracker_for(s, data[1])
+    extra = {}
+    if tracker is not None:
+        extra = {"activations": tracker.records}  # filled in during training, saved with the checkpoint
+    res = train(s, progress=progress, on_epoch=on_epoch, checkpoint=args.checkpoint, datasets=data,
+                callbacks=[tracker] if tracker else [], checkpoint_extra=extra)
     h = res.history
     out = {"status": h.status, "settings": s.to_dict(), "epochs": h.epochs, "steps": h.steps,
            "stop_reason": h.stop_reason, "checkpoint": args.checkpoint}
+    if tracker is not None:
+        out["activations"] = tracker.summary()
     if args.json:
         print(json.dumps(_finite(out)))
         return 0
     final = h.final()
+    if tracker is not None:
+        w1 = out["activations"]["ics_w1"]
+        print(f"activation shift (mean W1 between snapshots every {s.track_every} steps): "
+              + (f"{w1:.4f}" if w1 is not None else "not enough snapshots"))
     if h.status == "diverged":
         print(f"diverged: {h.stop_reason} (try a smaller --lr or --bn after)")
     elif final:
@@ -309,12 +325,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plot_activations(args) -> int:
+    from bnlab.report.plots import activation_percentiles
+
+    if (args.run is None) == (args.checkpoint is None):
+        from bnlab.errors import ConfigError
+
+        raise ConfigError("give either --run ID (a sweep run in --store) or --checkpoint CKPT")
+    if args.run is not None:
+        with _store(args) as store:
+            rid = store.find_run(args.run)
+            records = store.activations(rid)
+        title = f"run {rid[:8]}"
+    else:
+        import torch
+
+        from bnlab.train import load_checkpoint
+
+        ck = load_checkpoint(args.checkpoint)
+        records = torch.load(args.checkpoint, weights_only=True).get("extra", {}).get("activations", [])
+        title = args.checkpoint
+        del ck
+    path = activation_percentiles(records, args.output, args.layer, title)
+    print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from bnlab.experiments.reproduce import format_comparison, reproduce
 
     log = (lambda m: None) if (args.quiet or args.json) else (lambda m: print(m, flush=True))
     c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
-                  data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log)
+                  data_dir=args.data_dir, workers=args.workers, executor=args.executor, figure=args.figure, log=log)
     if args.json:
         print(json.dumps(_finite(c), indent=2))
     else:
@@ -399,6 +441,9 @@ def _add_train_options(p) -> None:
                    help="input standardization, statistics from the train split (default zscore)")
     p.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts of training images")
     p.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop when test loss stalls this many epochs")
+    p.add_argument("--track-activations", action="store_true",
+                   help="record the input percentiles of every nonlinearity during training")
+    p.add_argument("--every", type=int, default=100, help="with --track-activations: every K steps (default 100)")
     p.add_argument("--train-limit", type=int, help="use only the first N training examples")
     p.add_argument("--test-limit", type=int, help="use only the first N test examples")
 
@@ -533,6 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("plot-activations", help="percentiles of tracked layer inputs over training")
+    add_store(p)
+    p.add_argument("--run", help="run id (or a unique prefix) from `bnlab results`")
+    p.add_argument("--checkpoint", help="a checkpoint trained with --track-activations")
+    p.add_argument("--layer", help="one layer (e.g. 9 or 9:Sigmoid); default: every tracked layer")
+    p.add_argument("-o", "--output", default="ics.png")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plot_activations)
+
     from bnlab.experiments.reproduce import recipe_names
 
     p = sub.add_parser("reproduce", help="rerun a tutorial's experiment and show it next to the tutorial's claim")
@@ -544,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--figure", help="ioffe: where to write the Fig. 1 trio (default <sweep>-fig1.png)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_reproduce)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from bnlab.errors import BnlabError, ConfigError
+from bnlab.inspect import tracker_for
 
 _DATA_CACHE: dict = {}
 
@@ -81,15 +82,18 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             return {"run_id": run_id, "status": "skipped"}
         s = TrainSettings.from_dict(settings)
         sink = _EpochSink(store, run_id)
-        callbacks = []
         tb = None
         if tensorboard:
             from bnlab.train.tensorboard import TensorBoardLogger
 
             tb = TensorBoardLogger(tensorboard, sweep, run_id, s.to_dict())
         on_epoch = sink if tb is None else (lambda r: (sink(r), tb.epoch(r)))
+        datasets = _datasets(s)
+        hist = (lambda step, layer, x: tb.histogram(f"activations/{layer}", x, step)) if tb is not None else None
+        tracker = tracker_for(s, datasets[1], hist)
         try:
-            res = train(s, datasets=_datasets(s), callbacks=callbacks, progress=False, on_epoch=on_epoch)
+            res = train(s, datasets=datasets, callbacks=[tracker] if tracker else [], progress=False,
+                        on_epoch=on_epoch)
             status, error, stop = res.history.status, None, res.history.stop_reason
         except BnlabError as e:
             status, error, stop = "failed", str(e), None
@@ -97,10 +101,18 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             status, error, stop = "failed", traceback.format_exc(limit=8), None
         if tb is not None:
             tb.close(status, sink.all[-1] if sink.all else {})
+        summary, activations = {}, []
+        if tracker is not None:
+            summary = tracker.summary()
+            activations = [(r["step"], r["layer"], {k: v for k, v in r.items() if k not in ("step", "layer")})
+                           for r in tracker.records]
         out = {"run_id": run_id, "status": status, "epochs": sink.all, "error": error, "stop_reason": stop,
-               "summary": {}, "env": env}
+               "summary": summary, "env": env, "activations": activations}
         if store is not None:
-            store.finish(run_id, status, last_epochs=sink.tail(), error=error, stop_reason=stop, env=env)
+            if activations:
+                store.add_activations(run_id, activations)
+            store.finish(run_id, status, last_epochs=sink.tail(), error=error, stop_reason=stop, env=env,
+                         summary=summary)
         return out
     except BaseException:
         if store is not None:
@@ -197,8 +209,10 @@ def run_ray(tasks: list[Task], store, address: str | None, tensorboard: str | No
                 out = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - a lost worker or node fails that run only
                 out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
+            if out.get("activations"):
+                store.add_activations(t.run_id, out["activations"])
             store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),
-                         stop_reason=out.get("stop_reason"), env=out.get("env"))
+                         stop_reason=out.get("stop_reason"), env=out.get("env"), summary=out.get("summary"))
             report(t, out)
     except BaseException:
         for t in refs.values():

@@ -96,13 +96,46 @@ def comparison(store: RunStore, cfg: SweepConfig) -> dict:
     return out
 
 
+def ics_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | None:
+    """Fig. 1 of the BN paper from a sweep with activation tracking (bn none vs with BN)."""
+    from bnlab.report.plots import ics_figure as draw
+
+    flat = [r for r in rows(store.runs(cfg.name)) if r["status"] in ("done", "diverged")]
+    levels = cfg.grid.get("bn", [])
+    if len(levels) < 2 or not flat:
+        return None
+    acc, examples = {}, {}
+    for level in levels:
+        runs = sorted((r for r in flat if r["bn"] == level), key=lambda r: r["seed"])
+        per_step: dict[int, list[float]] = {}
+        for r in runs:
+            recs = store.activations(r["run_id"])
+            for rec in recs:
+                if rec["layer"] == "test":
+                    per_step.setdefault(rec["step"], []).append(rec["test_acc"])
+            if level not in examples and recs:
+                examples[level] = recs
+        label = "without BN" if level == "none" else f"with BN ({level})"
+        acc[label] = [(step, statistics.fmean(v)) for step, v in sorted(per_step.items())]
+    if len(examples) < 2:
+        return None
+    without = examples.get("none", examples[levels[0]])
+    with_bn = examples[[lv for lv in levels if lv != "none"][0]]
+    return draw(acc, without, with_bn, path, title=f"{cfg.name} on {cfg.dataset}: Fig. 1 of Ioffe & Szegedy "
+                                                  f"(accuracy: mean of {len(flat) // len(levels)} seed(s); percentiles: first seed)")
+
+
 def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=None, data_dir=None, workers=1,
-              executor="local", log=print) -> dict:
+              executor="local", figure: str | None = None, log=print) -> dict:
     cfg = adapt(load_recipe(name), epochs, seeds, dataset)
     overrides = {"data_dir": data_dir} if data_dir else None
     run_sweep(cfg, store_path, workers=workers, executor=executor, overrides=overrides, log=log)
     with RunStore(store_path) as store:
-        return comparison(store, cfg)
+        out = comparison(store, cfg)
+        if cfg.fixed.get("track_activations"):
+            path = ics_figure(store, cfg, figure or f"{cfg.name}-fig1.png")
+            out["figure"] = str(path) if path else None
+        return out
 
 
 def format_comparison(c: dict) -> str:
@@ -120,5 +153,7 @@ def format_comparison(c: dict) -> str:
         lines.append(f"{str(lv[c['by']]):<10} {pct(lv['claimed']):>9} {meas:>30} {lv['n']:>3} "
                      f"{pct(lv['final_train_acc']):>12} {pct(lv['final_test_acc']):>11}")
     lines.append("(± is the 95% confidence half-width over seeds)")
+    if c.get("figure"):
+        lines.append(f"Fig. 1 trio written to {c['figure']}")
     lines += [""] + [t["verdict"] for t in c["tests"]]
     return "\n".join(lines)

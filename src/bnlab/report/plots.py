@@ -112,3 +112,82 @@ def learning_curves(series: dict, path: str | Path, metric: str = "test_acc", ti
     ax.set_title(title or metric, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _layer_order(name: str) -> tuple:
+    head = name.split(":", 1)[0]
+    return tuple(int(p) if p.isdigit() else 0 for p in head.split("."))
+
+
+def last_nonlinearity(records: list[dict]) -> str | None:
+    """The tracked layer that comes last in the network (the paper's 'last hidden layer')."""
+    layers = sorted({r["layer"] for r in records if "q" in r}, key=_layer_order)
+    return layers[-1] if layers else None
+
+
+def _percentile_keys(records) -> list[str]:
+    keys = [k for k in records[0] if k.startswith("p") and k[1:].replace(".", "").isdigit()]
+    return sorted(keys, key=lambda k: float(k[1:]))
+
+
+def _draw_percentiles(ax, records, layer, title):
+    rs = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["step"])
+    if not rs:
+        ax.set_title(f"{title}: no data")
+        return
+    steps = [r["step"] for r in rs]
+    for k in _percentile_keys(rs):
+        ax.plot(steps, [r[k] for r in rs], label=f"{k[1:]}th percentile")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("input value")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def activation_percentiles(records: list[dict], path: str | Path, layer: str | None = None, title: str = "") -> Path:
+    """The tracked percentiles of one layer's input over training (every layer if ``layer`` is None)."""
+    from bnlab.errors import ConfigError
+
+    layers = sorted({r["layer"] for r in records if "q" in r}, key=_layer_order)
+    if not layers:
+        raise ConfigError("this run has no activation records: train it with --track-activations")
+    if layer is not None:
+        match = [name for name in layers if name == layer or name.split(":", 1)[0] == layer]
+        if not match:
+            raise ConfigError(f"no tracked layer {layer!r}; tracked: {', '.join(layers)}")
+        layers = match
+    fig, axes = plt.subplots(len(layers), 1, figsize=(6.4, 2.6 * len(layers)), squeeze=False)
+    for ax, name in zip(axes[:, 0], layers):
+        _draw_percentiles(ax, records, name, f"input of {name}")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ics_figure(acc_series: dict, without_bn: list[dict], with_bn: list[dict], path: str | Path, title: str = "") -> Path:
+    """The BN paper's Fig. 1 trio: (a) test accuracy over steps with and without BN, (b, c) the
+    percentiles of the last hidden layer's sigmoid input over steps without and with BN.
+
+    ``acc_series`` maps a label to [(step, test_acc)], averaged over seeds by the caller.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for label, pts in acc_series.items():
+        axes[0].plot([s for s, _ in pts], [a for _, a in pts], label=label)
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_title("(a) test accuracy", fontsize=9)
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    for ax, recs, name in ((axes[1], without_bn, "(b) without BN"), (axes[2], with_bn, "(c) with BN")):
+        layer = last_nonlinearity(recs)
+        _draw_percentiles(ax, recs, layer, f"{name}: input of {layer}")
+    lo = min(min(ax.get_ylim()[0] for ax in axes[1:]), 0)
+    hi = max(ax.get_ylim()[1] for ax in axes[1:])
+    for ax in axes[1:]:
+        ax.set_ylim(lo, hi)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

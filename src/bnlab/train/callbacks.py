@@ -13,6 +13,9 @@ class Callback:
 
     def on_train_begin(self, state) -> None: ...
 
+    def on_batch_begin(self, state) -> None:
+        """Before the forward pass of step ``state.step + 1``."""
+
     def on_batch_end(self, state) -> None: ...
 
     def on_epoch_end(self, state) -> None: ...

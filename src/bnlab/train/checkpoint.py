@@ -41,7 +41,8 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: dict, standardizer: Standardizer,
-                    classes: list[str], settings: dict | None = None, history: dict | None = None) -> Path:
+                    classes: list[str], settings: dict | None = None, history: dict | None = None,
+                    extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
         "format": FORMAT, "version": VERSION, "spec": spec, "build": build,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "standardizer": standardizer.to_dict(), "classes": list(classes),
-        "settings": settings or {}, "history": history or {},
+        "settings": settings or {}, "history": history or {}, "extra": extra or {},
         "torch_version": str(torch.__version__),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

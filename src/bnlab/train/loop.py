@@ -137,6 +137,8 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
             if augment:
                 x = augment(x, augment_gen)
+            for cb in callbacks:
+                cb.on_batch_begin(state)
             out = model(x)
             loss = F.cross_entropy(out, y)
             if not torch.isfinite(loss):

@@ -52,8 +52,9 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
 
 
 def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None, on_epoch=None,
-          checkpoint: str | Path | None = None, datasets=None) -> RunResult:
-    """Run the settings end to end. ``datasets=(train, test)`` skips loading (sweeps reuse data)."""
+          checkpoint: str | Path | None = None, datasets=None, checkpoint_extra: dict | None = None) -> RunResult:
+    """Run the settings end to end. ``datasets=(train, test)`` skips loading (sweeps reuse data);
+    ``checkpoint_extra`` (plain values) is saved in the checkpoint under ``extra``."""
     s = settings.validate()
     train_ds, test_ds = datasets if datasets is not None else load_data(s)
     model, spec, build = build_model(s, train_ds.input_shape, train_ds.num_classes)
@@ -66,5 +67,6 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
                   schedule=s.schedule)
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
-                        classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict())
+                        classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict(),
+                        extra=checkpoint_extra)
     return RunResult(model, history, s, spec, build, train_ds, test_ds)

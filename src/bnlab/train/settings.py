@@ -42,6 +42,9 @@ class TrainSettings:
     image_size: int | None = None
     channels: int | None = None
     early_stopping: int | None = None
+    track_activations: bool = False
+    track_every: int = 100
+    track_test_acc: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainSettings":
@@ -79,6 +82,8 @@ class TrainSettings:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not isinstance(self.track_every, int) or self.track_every < 1:
+            raise ConfigError(f"track_every must be a positive integer, got {self.track_every!r}")
         if self.virtual_batch_size < 2:
             raise ConfigError(f"virtual_batch_size must be at least 2, got {self.virtual_batch_size}")
         return self

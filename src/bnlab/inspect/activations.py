@@ -1,0 +1,148 @@
+"""Watching internal covariate shift: the distribution of a layer's input over training.
+
+The BN paper (Ioffe & Szegedy 2015, Fig. 1) tracks, for a sigmoid of the last hidden layer, the
+{15, 50, 85}th percentiles of its input over training: without BN they wander, with BN they stay
+put. :class:`ActivationTracker` records the same for any layers, every ``every`` steps, with
+forward pre-hooks that only read (outputs and gradients are untouched). With tracking off no hook
+exists, so it costs nothing.
+
+Each snapshot keeps the chosen percentiles, mean, std and 99 quantiles (1..99%) of the layer's
+input. The quantiles give the shift measure: the Wasserstein-1 distance between two snapshots of
+a 1-D distribution is the mean absolute difference of their quantile functions,
+``W1 ~= mean_p |Q_t(p) - Q_{t+1}(p)|``; a run's shift is that distance averaged over successive
+snapshots and over the tracked layers (in the layer input's own units).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from torch import nn
+
+from bnlab.train.callbacks import Callback
+
+NONLINEARITIES = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.GELU)
+QUANTILES = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+MAX_EXACT = 1 << 24  # torch.quantile's input limit
+
+
+def default_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The nonlinearities of a model, by name (their inputs are what Fig. 1 tracks)."""
+    return {f"{name}:{type(m).__name__}": m for name, m in model.named_modules() if isinstance(m, NONLINEARITIES)}
+
+
+def snapshot(x: torch.Tensor, percentiles=(15, 50, 85)) -> dict:
+    """Percentiles (linear interpolation, as ``torch.quantile``), mean, std and 99 quantiles of ``x``."""
+    flat = x.detach().reshape(-1).to(torch.float64)
+    if flat.numel() > MAX_EXACT:  # very large inputs: an evenly strided sample
+        flat = flat[:: -(-flat.numel() // MAX_EXACT)]
+    qs = torch.tensor([p / 100 for p in percentiles], dtype=torch.float64)
+    pv = torch.quantile(flat, qs)
+    return {**{f"p{p:g}": float(v) for p, v in zip(percentiles, pv)},
+            "mean": float(flat.mean()), "std": float(flat.std(unbiased=False)),
+            "q": [float(v) for v in torch.quantile(flat, QUANTILES)]}
+
+
+class ActivationTracker(Callback):
+    """Record the input distribution of ``layers`` every ``every`` training steps.
+
+    ``layers``: names from :func:`default_layers` or ``model.named_modules()`` (default: every
+    nonlinearity). ``records`` holds ``{"step", "layer", "p15", ..., "mean", "std", "q"}``;
+    with ``eval_data`` also ``{"step", "layer": "test", "test_acc"}`` on up to ``eval_size``
+    held-out examples at each snapshot. ``on_record(step, layer, tensor)`` sees each raw input
+    (TensorBoard histograms).
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, layers=None, every: int = 100, percentiles=(15, 50, 85),
+                 eval_data=None, eval_size: int = 2000, on_record=None):
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        self.every, self.percentiles, self.layer_names = every, tuple(percentiles), layers
+        self.eval_data, self.eval_size, self.on_record = eval_data, eval_size, on_record
+        self.model, self.layers = None, {}
+        self.records: list[dict] = []
+        self._armed = False
+        self._step = 0
+        self._handles = []
+        if model is not None:
+            self.attach(model)
+
+    def attach(self, model: nn.Module) -> None:
+        """Choose the layers of ``model`` to watch (done by ``fit`` when no model was given)."""
+        available = default_layers(model)
+        named = dict(model.named_modules())
+        chosen = {}
+        for name in self.layer_names if self.layer_names is not None else available:
+            if name in available:
+                chosen[name] = available[name]
+            elif name in named:
+                chosen[f"{name}:{type(named[name]).__name__}"] = named[name]
+            else:
+                from bnlab.errors import ConfigError
+
+                raise ConfigError(f"no layer {name!r} to track; layers: {', '.join(available) or 'none'}")
+        self.model, self.layers = model, chosen
+
+    def _hook(self, name):
+        def hook(module, args):
+            if self._armed and module.training:
+                x = args[0]
+                self.records.append({"step": self._step, "layer": name, **snapshot(x, self.percentiles)})
+                if self.on_record is not None:
+                    self.on_record(self._step, name, x.detach())
+        return hook
+
+    def on_train_begin(self, state) -> None:
+        if self.model is None:
+            self.attach(state.model)
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def on_batch_begin(self, state) -> None:
+        step = state.step + 1
+        self._armed = step == 1 or step % self.every == 0
+        self._step = step
+
+    def on_batch_end(self, state) -> None:
+        if self._armed and self.eval_data is not None:
+            self.records.append({"step": self._step, "layer": "test", "test_acc": self._test_acc()})
+        self._armed = False
+
+    @torch.no_grad()
+    def _test_acc(self) -> float:
+        was = self.model.training
+        self.model.eval()
+        correct = seen = 0
+        for x, y in self.eval_data.batches(1000):
+            take = min(len(y), self.eval_size - seen)
+            out = self.model(x[:take])
+            correct += int((out.argmax(1) == y[:take]).sum())
+            seen += take
+            if seen >= self.eval_size:
+                break
+        self.model.train(was)
+        return correct / max(seen, 1)
+
+    def on_train_end(self, state) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summary(self) -> dict:
+        return shift_summary(self.records)
+
+
+def shift_summary(records: list[dict]) -> dict:
+    """Mean Wasserstein-1 shift between successive snapshots, per layer and overall."""
+    by_layer: dict[str, list[dict]] = {}
+    for r in records:
+        if "q" in r:
+            by_layer.setdefault(r["layer"], []).append(r)
+    per_layer = {}
+    for layer, snaps in by_layer.items():
+        snaps.sort(key=lambda r: r["step"])
+        dists = [statistics.fmean(abs(a - b) for a, b in zip(s0["q"], s1["q"])) for s0, s1 in zip(snaps, snaps[1:])]
+        if dists:
+            per_layer[layer] = statistics.fmean(dists)
+    out = {"ics_w1": statistics.fmean(per_layer.values()) if per_layer else None, "ics_w1_per_layer": per_layer}
+    return out
