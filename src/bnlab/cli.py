@@ -325,6 +325,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _checkpoint_data(ck, args):
+    from bnlab.data import load
+
+    st = ck.settings
+    name = args.dataset or st.get("dataset")
+    data_dir = args.data_dir if args.data_dir is not None else st.get("data_dir")
+    opts = {k: st[k] for k in ("image_size", "channels") if st.get(k) is not None}
+    train = load(name, "train", data_dir, standardize=ck.standardizer, **opts)
+    test = load(name, "test", data_dir, standardize=ck.standardizer, **opts)
+    if tuple(train.input_shape) != ck.input_shape or train.num_classes != len(ck.classes):
+        from bnlab.errors import ConfigError
+
+        raise ConfigError(f"{name} has inputs {train.input_shape} and {train.num_classes} classes, but the checkpoint "
+                          f"expects {ck.input_shape} and {len(ck.classes)}: use the dataset it was trained on")
+    return train, test
+
+
+def cmd_doctor(args) -> int:
+    from bnlab.inspect.doctor import accuracy, diagnose, fix, format_report
+    from bnlab.train import load_checkpoint, save_checkpoint
+
+    if args.fix and not args.output:
+        from bnlab.errors import ConfigError
+
+        raise ConfigError("--fix needs -o OUT: the recalibrated checkpoint is written there (the original is kept)")
+    ck = load_checkpoint(args.checkpoint)
+    train, test = _checkpoint_data(ck, args)
+    rep = diagnose(ck.model, train, test, batch_size=ck.settings.get("batch_size"), stats_limit=args.limit)
+    if args.fix:
+        before = accuracy(ck.model, test)
+        fix(ck.model, train, args.limit)
+        after = accuracy(ck.model, test)
+        import torch
+
+        extra = torch.load(args.checkpoint, weights_only=True).get("extra", {})
+        save_checkpoint(args.output, ck.model, spec=ck.spec, build=ck.build, standardizer=ck.standardizer,
+                        classes=ck.classes, settings=ck.settings, history=ck.history, extra=extra)
+        rep["fix"] = {"output": args.output, "eval_acc_before": before, "eval_acc_after": after}
+    if args.json:
+        _print_json(_finite(rep))
+        return 0
+    print(format_report(rep))
+    if args.fix:
+        f = rep["fix"]
+        print(f"recalibrated on {min(len(train), args.limit)} training images: test accuracy "
+              f"{f['eval_acc_before']:.4f} -> {f['eval_acc_after']:.4f}; wrote {args.output}")
+    return 0
+
+
 def cmd_plot_activations(args) -> int:
     from bnlab.report.plots import activation_percentiles
 
@@ -577,6 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("doctor", help="check a checkpoint's BN layers against the data (and --fix them)")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", help="default: the dataset it was trained on")
+    _add_data_dir(p)
+    p.add_argument("--limit", type=int, default=10000, help="training images used for statistics (default 10000)")
+    p.add_argument("--fix", action="store_true", help="recalibrate the running statistics (precise BN)")
+    p.add_argument("-o", "--output", help="with --fix: where to write the recalibrated checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plot-activations", help="percentiles of tracked layer inputs over training")
     add_store(p)

@@ -1,6 +1,7 @@
 """Looking inside: activation statistics over training (internal covariate shift) and the BN doctor."""
 
-from bnlab.inspect.activations import (ActivationTracker, default_layers, shift_summary, snapshot)
+from bnlab.inspect.activations import ActivationTracker, default_layers, shift_summary, snapshot
+from bnlab.inspect.doctor import diagnose, fix
 
 
 def tracker_for(settings, test=None, on_record=None) -> "ActivationTracker | None":
@@ -11,4 +12,4 @@ def tracker_for(settings, test=None, on_record=None) -> "ActivationTracker | Non
                              on_record=on_record)
 
 
-__all__ = ["ActivationTracker", "default_layers", "shift_summary", "snapshot", "tracker_for"]
+__all__ = ["ActivationTracker", "default_layers", "shift_summary", "snapshot", "tracker_for", "diagnose", "fix"]

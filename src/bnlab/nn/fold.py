@@ -166,21 +166,20 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Sequential, FoldReport]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
-    """Replace every BN layer's running statistics by exact population statistics ("precise BN").
+def population_statistics(model: nn.Module, batches) -> dict:
+    """Exact per-channel mean and unbiased variance of every BN layer's input over ``batches``.
 
-    ``batches`` is an iterable of input tensors or ``(inputs, labels)`` pairs. The model runs
-    forward without gradients with its BN layers in training mode (so each layer sees the
+    The model runs forward without gradients with its BN layers in training mode (each sees the
     activations it saw during training) and every other layer in eval mode (no dropout noise).
-    Each BN layer's input sum and sum of squares per channel are accumulated in float64 over all
-    batches; ``running_mean`` becomes the population mean and ``running_var`` the unbiased
-    population variance. Modes, momentum and ``num_batches_tracked`` are restored afterwards.
+    Sums are accumulated in float64. Returns ``{bn_module: (mean, var)}``; nothing in the model
+    changes (modes, running statistics and ``num_batches_tracked`` are restored).
     """
-    bns = [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
+    bns = [m for m in model.modules() if is_batchnorm(m)]
     if not bns:
-        return model
+        return {}
     modes = {m: m.training for m in model.modules()}
-    saved = {bn: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns}
+    saved = {bn: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in bns if bn.running_mean is not None}
     sums = {bn: [0, None, None] for bn in bns}
 
     def hook(bn, args):
@@ -199,11 +198,10 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
             bn.train()
         seen = 0
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
             seen += 1
         if seen == 0:
-            raise ConfigError("recalibrate_batchnorm got no batches")
+            raise ConfigError("no batches to compute BN statistics from")
     finally:
         for h in handles:
             h.remove()
@@ -213,12 +211,29 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
             bn.running_mean.copy_(rm)
             bn.running_var.copy_(rv)
             bn.num_batches_tracked.copy_(nbt)
+    out = {}
     for bn in bns:
         n, s1, s2 = sums[bn]
         if s1 is None:
-            continue  # layer not reached by the forward pass
+            continue  # not reached by the forward pass
         mean = s1 / n
         var = (s2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
+        out[bn] = (mean, var)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+    """Replace every BN layer's running statistics by exact population statistics ("precise BN").
+
+    ``batches`` is an iterable of input tensors or ``(inputs, labels)`` pairs; see
+    :func:`population_statistics` for how they are computed. ``running_mean`` becomes the
+    population mean and ``running_var`` the unbiased population variance; modes, momentum and
+    ``num_batches_tracked`` are left as they were.
+    """
+    for bn, (mean, var) in population_statistics(model, batches).items():
+        if bn.running_mean is None:
+            continue
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.to(bn.running_var.dtype))
     return model

@@ -1,0 +1,151 @@
+"""The BN doctor: checks a trained network's batch-norm layers against the data.
+
+For each BN layer it compares the running statistics with the population statistics recomputed
+from training data (stale or corrupted running stats are the classic eval-mode failure), and for
+the whole network the accuracy in eval mode (running stats) with the accuracy when every BN uses
+the statistics of the batch at hand. It also flags odd momentum/eps values, layers that never
+updated their statistics, and training batches too small for reliable statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from bnlab.nn import is_batchnorm, population_statistics, recalibrate_batchnorm
+
+# A channel whose running mean is off by more than this many population standard deviations, or
+# whose running variance is off by more than this factor, is flagged.
+MEAN_TOLERANCE = 0.25
+VAR_RATIO_TOLERANCE = 2.0
+DEAD_VARIANCE = 10.0  # channels with population variance below this many eps are constant (dead units)
+MIN_VALUES_PER_CHANNEL = 32  # fewer values per channel per batch give noisy batch statistics
+ACC_GAP = 0.02  # eval-mode accuracy this much below batch-statistics accuracy is flagged
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data, batch_size: int = 500, batch_stats: bool = False) -> float:
+    """Accuracy with BN in eval mode, or with each BN using the current batch's statistics
+    (other layers in eval mode; running statistics untouched)."""
+    m = copy.deepcopy(model)
+    m.eval()
+    if batch_stats:
+        for mod in m.modules():
+            if is_batchnorm(mod):
+                mod.train()
+                mod.momentum = 0.0  # use batch statistics without moving the (copied) running ones
+    correct = 0
+    for x, y in data.batches(batch_size):
+        correct += int((m(x).argmax(1) == y).sum())
+    return correct / len(data)
+
+
+def _layer_shape(model: nn.Module, bn: nn.Module, input_shape) -> tuple:
+    shapes = {}
+
+    def hook(mod, args, out):  # must return None: a forward hook's return value replaces the output
+        shapes["s"] = tuple(out.shape[1:])
+
+    handle = bn.register_forward_hook(hook)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros((2, *input_shape)))
+    model.train(was)
+    handle.remove()
+    return shapes.get("s", ())
+
+
+def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = None, stats_limit: int = 10000) -> dict:
+    """Check every BN layer of ``model`` (a trained network) on ``train`` (and ``test``) data."""
+    names = {m: n for n, m in model.named_modules()}
+    bns = [m for m in model.modules() if is_batchnorm(m)]
+    data = train.subset(min(len(train), stats_limit))
+    pop = population_statistics(model, data.batches(500)) if bns else {}
+    layers = []
+    for bn in bns:
+        findings = []
+        row = {"layer": names[bn], "type": type(bn).__name__, "channels": bn.num_features,
+               "momentum": bn.momentum, "eps": bn.eps, "findings": findings}
+        if bn.running_mean is None:
+            findings.append("track_running_stats=False: uses batch statistics in eval mode too, so predictions "
+                            "depend on the batch; fine for large batches, wrong for single examples")
+        else:
+            if int(bn.num_batches_tracked) == 0:
+                findings.append("running statistics were never updated (num_batches_tracked = 0): was the "
+                                "network only ever run in eval mode?")
+            mean, var = pop[bn]
+            # errors in the units BN divides by, over channels that vary at all: a dead unit's
+            # statistics cannot matter, its output is a constant either way
+            live = var > DEAD_VARIANCE * bn.eps
+            row["dead_channels"] = int((~live).sum())
+            if not live.any():
+                live = torch.ones_like(live)
+            mean_err = ((bn.running_mean.double() - mean).abs() / (var + bn.eps).sqrt())[live]
+            ratio = ((bn.running_var.double() + bn.eps) / (var + bn.eps))[live]
+            log_ratio = ratio.log().abs()
+            row.update({"mean_error_max": float(mean_err.max()), "mean_error_avg": float(mean_err.mean()),
+                        "var_ratio_worst": float(ratio[log_ratio.argmax()])})
+            bad_mean = int((mean_err > MEAN_TOLERANCE).sum())
+            bad_var = int((log_ratio > math.log(VAR_RATIO_TOLERANCE)).sum())
+            if bad_mean or bad_var:
+                findings.append(f"running statistics disagree with the data: {bad_mean} channel(s) with mean off by "
+                                f"> {MEAN_TOLERANCE} std (worst {row['mean_error_max']:.2f}), {bad_var} with variance "
+                                f"off by > {VAR_RATIO_TOLERANCE}x (worst {row['var_ratio_worst']:.2f}x); "
+                                "recalibrate with `bnlab doctor CKPT --fix -o OUT`")
+        if bn.momentum is not None and not (0.001 <= bn.momentum <= 0.5):
+            findings.append(f"momentum {bn.momentum} is unusual (torch default 0.1): "
+                            + ("running stats follow single batches" if bn.momentum > 0.5 else "running stats barely move"))
+        if not (1e-8 <= bn.eps <= 1e-2):
+            findings.append(f"eps {bn.eps} is unusual (default 1e-5)")
+        if batch_size is not None:
+            shape = _layer_shape(model, bn, train.input_shape)
+            per_channel = batch_size * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+            row["values_per_channel"] = per_channel
+            if per_channel < MIN_VALUES_PER_CHANNEL:
+                findings.append(f"training batches give only {per_channel} values per channel: batch statistics are "
+                                "noisy; consider a larger batch, Ghost BN (--norm ghost), Batch Renorm (--norm renorm) "
+                                "or recalibrating (--fix)")
+        row["status"] = "warn" if findings else "ok"
+        layers.append(row)
+    report = {"layers": layers, "bn_layers": len(bns)}
+    if test is not None and bns:
+        report["eval_acc"] = accuracy(model, test)
+        report["batch_stats_acc"] = accuracy(model, test, batch_stats=True)
+        gap = report["batch_stats_acc"] - report["eval_acc"]
+        report["network_findings"] = []
+        if gap > ACC_GAP:
+            report["network_findings"].append(
+                f"eval-mode accuracy {report['eval_acc']:.4f} is {gap * 100:.1f} points below the accuracy with batch "
+                f"statistics ({report['batch_stats_acc']:.4f}): the running statistics do not fit the data")
+    report["problems"] = sum(r["status"] != "ok" for r in layers) + len(report.get("network_findings", []))
+    return report
+
+
+def fix(model: nn.Module, train, stats_limit: int | None = None) -> nn.Module:
+    """Recalibrate every BN layer on training data (precise BN); returns the same model."""
+    data = train if stats_limit is None else train.subset(min(len(train), stats_limit))
+    return recalibrate_batchnorm(model, data.batches(500))
+
+
+def format_report(rep: dict) -> str:
+    if rep["bn_layers"] == 0:
+        return "no batch-norm layers: nothing to check"
+    lines = []
+    for r in rep["layers"]:
+        stats = ""
+        if "mean_error_max" in r:
+            stats = f"  running vs data: mean off by <= {r['mean_error_max']:.3f} std, variance x{r['var_ratio_worst']:.3f}"
+        lines.append(f"{r['status'].upper():<4} {r['layer']} {r['type']}({r['channels']}) momentum={r['momentum']} "
+                     f"eps={r['eps']}{stats}")
+        lines += [f"       - {f}" for f in r["findings"]]
+        if r.get("dead_channels"):
+            lines.append(f"       (note: {r['dead_channels']} channel(s) are constant on this data, e.g. dead ReLUs)")
+    if "eval_acc" in rep:
+        lines.append(f"test accuracy: eval mode {rep['eval_acc']:.4f}, with batch statistics {rep['batch_stats_acc']:.4f}")
+        lines += [f"  - {f}" for f in rep.get("network_findings", [])]
+    lines.append(f"{rep['problems']} problem(s) found" if rep["problems"] else "all BN layers look healthy")
+    return "\n".join(lines)
