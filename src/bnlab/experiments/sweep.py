@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from bnlab.errors import ConfigError
@@ -49,6 +49,7 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         require_tensorboard()
     runs = cfg.runs(overrides)
     unique = {r.run_id: r for r in runs}
+    check_data(runs)
     store = RunStore(store_path)
     t0 = time.perf_counter()
     try:
@@ -86,5 +87,14 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
     return summary
 
 
-def default_workers() -> int:
-    return 1 if os.environ.get("BNLAB_WORKERS") is None else int(os.environ["BNLAB_WORKERS"])
+def check_data(runs) -> None:
+    """Fail before anything runs (or is written) when a run's dataset cannot be found."""
+    from bnlab.data import find, get_source
+    from bnlab.errors import DataNotFoundError
+
+    for dataset, data_dir in {(r.settings.dataset, r.settings.data_dir) for r in runs}:
+        src = get_source(dataset)
+        if src.marker is not None:
+            find(dataset, data_dir)
+        elif src.needs_files and (data_dir is None or not Path(data_dir).is_dir()):
+            raise DataNotFoundError(f"{dataset} needs --data-dir: {src.missing_hint}")

@@ -1,0 +1,55 @@
+"""Sweep throughput: the same 4 small runs with 1 worker (2 threads) vs 2 workers (1 thread each).
+
+Each run: deeplizard CNN with BN on 10,000 Fashion-MNIST training images, batch 100, 2 epochs.
+Both sweeps write to fresh stores; the wall time includes spawning workers and loading data.
+
+    python benchmarks/sweep_scaling.py [--rounds 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bnlab.experiments import parse_config, run_sweep
+
+CONFIG = {
+    "name": "scaling", "dataset": "fashion-mnist", "seeds": [0, 1],
+    "fixed": {"model": "deeplizard-cnn", "epochs": 2, "batch_size": 100, "train_limit": 10000, "test_limit": 2000},
+    "grid": {"bn": ["none", "tutorial"]},
+}
+
+
+def timed(workers: int) -> float:
+    cfg = parse_config(CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_sweep(cfg, str(Path(tmp) / "s.db"), workers=workers, log=lambda m: None)
+        return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    one, two = [], []
+    for _ in range(args.rounds):
+        one.append(timed(1))
+        two.append(timed(2))
+    r = {"one_worker_s": statistics.median(one), "two_workers_s": statistics.median(two), "runs": 4,
+         "all": {"one": one, "two": two}}
+    r["speedup"] = r["one_worker_s"] / r["two_workers_s"]
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"4 runs: 1 worker {r['one_worker_s']:.1f} s, 2 workers {r['two_workers_s']:.1f} s "
+          f"(medians of {args.rounds}): throughput x{r['speedup']:.2f} (goal >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()
