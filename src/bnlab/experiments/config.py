@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bnlab._toml import read_toml
 from bnlab.errors import ConfigError
 from bnlab.train.settings import TrainSettings
 
@@ -122,12 +122,4 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
 
 
 def load_config(path: str | Path) -> SweepConfig:
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"sweep config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    return parse_config(d, str(path))
+    return parse_config(read_toml(path, "sweep config"), str(path))

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import copy
 import math
-import tomllib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bnlab._toml import read_toml
 from bnlab.errors import ConfigError
 
 LAYER_KEYS = {
@@ -102,13 +102,7 @@ def validate_spec(spec: dict) -> dict:
 def load_spec(path: str | Path) -> dict:
     """A spec from a TOML file (top-level keys as in a Python spec, ``[[layers]]`` tables)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            spec = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"spec file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    spec = read_toml(path, "spec file")
     spec.setdefault("name", path.stem)
     return validate_spec(spec)
 
