@@ -200,20 +200,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from bnlab.data import load
     from bnlab.train import evaluate, format_report, load_checkpoint
 
     ck = load_checkpoint(args.checkpoint)
-    st = ck.settings
-    name = args.dataset or st.get("dataset")
-    data_dir = args.data_dir if args.data_dir is not None else st.get("data_dir")
-    opts = {k: st[k] for k in ("image_size", "channels") if st.get(k) is not None}
-    data = load(name, args.split, data_dir, standardize=ck.standardizer, **opts)
-    if tuple(data.input_shape) != ck.input_shape or data.num_classes != len(ck.classes):
-        from bnlab.errors import ConfigError
-
-        raise ConfigError(f"{name} has inputs {data.input_shape} and {data.num_classes} classes, but the checkpoint "
-                          f"expects {ck.input_shape} and {len(ck.classes)}: evaluate on the dataset it was trained on")
+    (data,) = _checkpoint_data(ck, args, (args.split,))
+    name = data.name
     rep = evaluate(ck.model, data)
     if args.confusion:
         from bnlab.report.plots import confusion_matrix
@@ -325,21 +316,23 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _checkpoint_data(ck, args):
+def _checkpoint_data(ck, args, splits=("train", "test")):
+    """The splits of the checkpoint's dataset (or --dataset), standardized as in training."""
     from bnlab.data import load
+    from bnlab.errors import ConfigError
 
     st = ck.settings
     name = args.dataset or st.get("dataset")
     data_dir = args.data_dir if args.data_dir is not None else st.get("data_dir")
     opts = {k: st[k] for k in ("image_size", "channels") if st.get(k) is not None}
-    train = load(name, "train", data_dir, standardize=ck.standardizer, **opts)
-    test = load(name, "test", data_dir, standardize=ck.standardizer, **opts)
-    if tuple(train.input_shape) != ck.input_shape or train.num_classes != len(ck.classes):
-        from bnlab.errors import ConfigError
-
-        raise ConfigError(f"{name} has inputs {train.input_shape} and {train.num_classes} classes, but the checkpoint "
-                          f"expects {ck.input_shape} and {len(ck.classes)}: use the dataset it was trained on")
-    return train, test
+    out = []
+    for split in splits:
+        ds = load(name, split, data_dir, standardize=ck.standardizer, **opts)
+        if tuple(ds.input_shape) != ck.input_shape or ds.num_classes != len(ck.classes):
+            raise ConfigError(f"{name} has inputs {ds.input_shape} and {ds.num_classes} classes, but the checkpoint "
+                              f"expects {ck.input_shape} and {len(ck.classes)}: use the dataset it was trained on")
+        out.append(ds)
+    return out
 
 
 def cmd_doctor(args) -> int:
@@ -357,11 +350,8 @@ def cmd_doctor(args) -> int:
         before = accuracy(ck.model, test)
         fix(ck.model, train, args.limit)
         after = accuracy(ck.model, test)
-        import torch
-
-        extra = torch.load(args.checkpoint, weights_only=True).get("extra", {})
         save_checkpoint(args.output, ck.model, spec=ck.spec, build=ck.build, standardizer=ck.standardizer,
-                        classes=ck.classes, settings=ck.settings, history=ck.history, extra=extra)
+                        classes=ck.classes, settings=ck.settings, history=ck.history, extra=ck.extra)
         rep["fix"] = {"output": args.output, "eval_acc_before": before, "eval_acc_after": after}
     if args.json:
         _print_json(_finite(rep))
@@ -387,14 +377,10 @@ def cmd_plot_activations(args) -> int:
             records = store.activations(rid)
         title = f"run {rid[:8]}"
     else:
-        import torch
-
         from bnlab.train import load_checkpoint
 
-        ck = load_checkpoint(args.checkpoint)
-        records = torch.load(args.checkpoint, weights_only=True).get("extra", {}).get("activations", [])
+        records = load_checkpoint(args.checkpoint).extra.get("activations", [])
         title = args.checkpoint
-        del ck
     path = activation_percentiles(records, args.output, args.layer, title)
     print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
     return 0

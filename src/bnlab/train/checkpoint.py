@@ -34,6 +34,7 @@ class Checkpoint:
     settings: dict
     history: dict
     path: str = ""
+    extra: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -87,4 +88,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: weights do not match its network spec ({str(e).splitlines()[0]})") from None
     model.eval()
     return Checkpoint(model, d["spec"], d["build"], Standardizer.from_dict(d["standardizer"]), d["classes"],
-                      d.get("settings", {}), d.get("history", {}), str(path))
+                      d.get("settings", {}), d.get("history", {}), str(path), d.get("extra") or {})
