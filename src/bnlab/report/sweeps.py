@@ -18,12 +18,14 @@ from bnlab.experiments.store import METRICS
 TABLE_SETTINGS = ("model", "bn", "norm", "lr", "batch_size", "optimizer", "epochs")
 
 
-def _fmt(v) -> str:
+def _fmt(v, column: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
+        if column.startswith("seconds"):
+            return f"{v:.1f}"
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
@@ -39,9 +41,9 @@ def varying_settings(rows_: list[dict]) -> list[str]:
 
 
 def format_table(records: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in records)) if records else len(c) for c in columns}
+    widths = {c: max(len(c), *(len(_fmt(r.get(c), c)) for r in records)) if records else len(c) for c in columns}
     lines = ["  ".join(f"{c:>{widths[c]}}" for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(f"{_fmt(r.get(c)):>{widths[c]}}" for c in columns) for r in records]
+    lines += ["  ".join(f"{_fmt(r.get(c), c):>{widths[c]}}" for c in columns) for r in records]
     return "\n".join(lines)
 
 
@@ -126,7 +128,8 @@ def plot_sweep(store: RunStore, sweep: str, path: str | Path, metric: str = "tes
     from bnlab.report.plots import learning_curves
 
     series = curves_by(store, sweep, group_by or [], metric, where)
-    return learning_curves(series, path, metric, title=f"{sweep}: {metric}, mean over seeds (band: min-max for 2 seeds, ±1 std for 3+)")
+    return learning_curves(series, path, metric,
+                           title=f"{sweep}: {metric}\nmean over seeds; band: min-max for 2 seeds, ±1 std for 3+")
 
 
 def _img(path: Path) -> str:
@@ -136,7 +139,7 @@ def _img(path: Path) -> str:
 
 def _html_table(records: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c), c))}</td>" for c in columns) + "</tr>"
                    for r in records)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
