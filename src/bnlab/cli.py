@@ -168,8 +168,17 @@ def cmd_train(args) -> int:
     s = settings_from_args(args)
     on_epoch = None if args.json else (lambda r: print(_epoch_line(r), flush=True))
     progress = False if (args.quiet or args.json) else None
+    tb = None
+    if args.tensorboard:
+        from bnlab.experiments import run_id
+        from bnlab.train.tensorboard import TensorBoardLogger
+
+        tb = TensorBoardLogger(args.tensorboard, "train", run_id(s), s.to_dict())
+        printer = on_epoch
+        on_epoch = lambda r: (tb.epoch(r), printer and printer(r))  # noqa: E731
     data = load_data(s)
-    tracker = tracker_for(s, data[1])
+    hist = (lambda step, layer, x: tb.histogram(f"activations/{layer}", x, step)) if tb is not None else None
+    tracker = tracker_for(s, data[1], hist)
     extra = {}
     if tracker is not None:
         extra = {"activations": tracker.records}  # filled in during training, saved with the checkpoint
@@ -180,6 +189,9 @@ def cmd_train(args) -> int:
            "stop_reason": h.stop_reason, "checkpoint": args.checkpoint}
     if tracker is not None:
         out["activations"] = tracker.summary()
+    if tb is not None:
+        tb.close(h.status, h.final())
+        out["tensorboard"] = str(tb.dir)
     if args.json:
         print(json.dumps(_finite(out)))
         return 0
@@ -196,6 +208,8 @@ def cmd_train(args) -> int:
               + (f" ({h.stop_reason})" if h.stop_reason else ""))
     if args.checkpoint:
         print(f"checkpoint written to {args.checkpoint}")
+    if tb is not None:
+        print(f"TensorBoard events in {tb.dir} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 
@@ -537,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics")
     _add_train_options(p)
     p.add_argument("--checkpoint", help="write the trained network here (.pt)")
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files under DIR/train/<run id>")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_train)

@@ -97,6 +97,14 @@ def test_bn_reduces_shift_and_sweep_stores_activations(tmp_path, capsys):
         acts = st.activations(res["tutorial"]["run_id"])
     assert {a["layer"] for a in acts} == {"3:Sigmoid", "6:Sigmoid", "9:Sigmoid", "test"}
     assert all(0 <= a["test_acc"] <= 1 for a in acts if a["layer"] == "test")
+    capsys.readouterr()
+    assert main(["results", "--store", store, "--sweep", "ics", "--sort", "summary.ics_w1"]) == 0
+    assert "summary.ics_w1" in capsys.readouterr().out
+    from bnlab.experiments import compare, rows
+
+    with RunStore(store) as st:
+        c = compare(rows(st.runs("ics")), "bn", "summary.ics_w1")
+    assert {lv["bn"] for lv in c["levels"]} == {"none", "tutorial"} and c["levels"][0]["n"] == 1
     out = tmp_path / "ics.png"
     assert main(["plot-activations", "--store", store, "--run", res["tutorial"]["run_id"][:8], "--layer", "9",
                  "-o", str(out)]) == 0
@@ -109,8 +117,14 @@ def test_bn_reduces_shift_and_sweep_stores_activations(tmp_path, capsys):
 def test_train_cli_tracks_into_checkpoint(tmp_path, capsys):
     ck = tmp_path / "m.pt"
     assert main(["train", "--dataset", "digits", "--model", "ioffe-mlp", "--bn", "tutorial", "--batch-size", "64",
-                 "--epochs", "1", "--track-activations", "--every", "5", "--checkpoint", str(ck), "--json"]) == 0
+                 "--epochs", "1", "--track-activations", "--every", "5", "--checkpoint", str(ck), "--json",
+                 "--tensorboard", str(tmp_path / "tb")]) == 0
     out = json.loads(capsys.readouterr().out)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(out["tensorboard"], size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "test/acc" in acc.Tags()["scalars"] and "activations/9:Sigmoid" in acc.Tags()["histograms"]
     assert out["activations"]["ics_w1"] is not None and set(out["activations"]["ics_w1_per_layer"]) == {"3:Sigmoid", "6:Sigmoid", "9:Sigmoid"}
     assert main(["plot-activations", "--checkpoint", str(ck), "-o", str(tmp_path / "a.png")]) == 0
 

@@ -80,6 +80,8 @@ def results_table(store: RunStore, sweep: str | None, where=None, sort: str | No
     if fmt == "csv":
         return _csv(flat, list(flat[0]) if flat else ["run_id"])
     cols = ["run_id", "status"] + varying_settings(flat) + ["seed", "train_acc", "test_acc", "test_loss", "seconds"]
+    if any(r.get("summary.ics_w1") is not None for r in flat):
+        cols.append("summary.ics_w1")
     short = [{**r, "run_id": r["run_id"][:8]} for r in flat]
     return format_table(short, cols)
 
