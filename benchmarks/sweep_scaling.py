@@ -5,7 +5,7 @@ without BN, 2 seeds. A second case runs 4 deeplizard CNNs (batch 100, 10,000 ima
 where one process already keeps both cores busy. Both sweeps write to fresh stores; the wall
 time includes spawning the workers and loading the data in them.
 
-    python benchmarks/sweep_scaling.py [--rounds 2] [--json]
+    python benchmarks/sweep_scaling.py [--rounds 2] [--mlp-epochs 4] [--json]
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def timed(config: dict, workers: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mlp-epochs", type=int, default=4, help="epochs per MLP run (start-up is amortized over them)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    CONFIGS["mlp"]["fixed"]["epochs"] = args.mlp_epochs
     results = {}
     for case, config in CONFIGS.items():
         one, two = [], []
