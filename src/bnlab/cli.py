@@ -238,7 +238,7 @@ def cmd_predict(args) -> int:
     from bnlab.train import load_checkpoint, predict_images
 
     ck = load_checkpoint(args.checkpoint)
-    results = predict_images(ck, args.images, args.top_k)
+    results = predict_images(ck, args.images, args.top_k, args.invert)
     if args.json:
         _print_json(results)
         return 0
@@ -569,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--invert", action="store_true",
+                   help="invert pixel values first: dark objects on a light background, for MNIST-style models")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 

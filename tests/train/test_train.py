@@ -152,6 +152,11 @@ def test_predict_on_written_pngs(tmp_path):
         assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"]
         assert top[0]["index"] == int(expected[i].argmax())
         assert top[0]["probability"] == pytest.approx(float(expected[i].max()), rel=1e-5)
+    inv = tmp_path / "inv.png"
+    Image.fromarray(255 - res.test.x[0, 0].numpy()).save(inv)
+    again = predict_images(loaded, [inv], top_k=1, invert=True)[0]["top"][0]
+    assert again["index"] == out[0]["top"][0]["index"]
+    assert again["probability"] == pytest.approx(out[0]["top"][0]["probability"], rel=1e-6)
     bad = tmp_path / "notes.png"
     bad.write_text("hello")
     with pytest.raises(DataFormatError, match="notes.png is not an image"):

@@ -140,8 +140,9 @@ def _build_key() -> str:
     except OSError:
         cpu = platform.processor()
     h = hashlib.sha256()
+    # sys.prefix: torch's builder rebuilds when include paths change, so each venv gets its own build
     for part in (_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), cpu.encode(),
-                 platform.machine().encode()):
+                 platform.machine().encode(), sys.prefix.encode()):
         h.update(part)
     return h.hexdigest()[:12]
 

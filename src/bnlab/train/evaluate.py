@@ -53,8 +53,12 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def load_image_for(ckpt, path: str | Path) -> torch.Tensor:
-    """One image file as a standardized ``(1, C, H, W)`` batch matching the checkpoint's input."""
+def load_image_for(ckpt, path: str | Path, invert: bool = False) -> torch.Tensor:
+    """One image file as a standardized ``(1, C, H, W)`` batch matching the checkpoint's input.
+
+    ``invert`` turns dark-on-light pictures (a photo of a shirt on a table) into the light-on-dark
+    look of MNIST-style training data (pixel -> 255 - pixel) before standardizing.
+    """
     from bnlab.data.imagefolder import load_image
 
     shape = ckpt.input_shape
@@ -74,18 +78,20 @@ def load_image_for(ckpt, path: str | Path) -> torch.Tensor:
             arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError):
         raise DataFormatError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
+    if invert:
+        arr = 255 - arr
     return ckpt.standardizer(torch.from_numpy(np.ascontiguousarray(arr))[None])
 
 
 @torch.no_grad()
-def predict_images(ckpt, paths, top_k: int = 3) -> list[dict]:
-    """Top-k classes with probabilities for each image file."""
+def predict_images(ckpt, paths, top_k: int = 3, invert: bool = False) -> list[dict]:
+    """Top-k classes with probabilities for each image file (``invert``: see :func:`load_image_for`)."""
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     k = min(top_k, len(ckpt.classes))
     results = []
     for p in paths:
-        x = load_image_for(ckpt, p)
+        x = load_image_for(ckpt, p, invert)
         probs = F.softmax(ckpt.model(x), dim=1)[0]
         val, idx = probs.topk(k)
         results.append({"image": str(p), "top": [{"class": ckpt.classes[i], "index": int(i), "probability": float(v)}
