@@ -160,37 +160,20 @@ def _epoch_line(r: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    from bnlab.train import train
-
-    from bnlab.inspect import tracker_for
+    from bnlab.experiments.execute import train_with_extras
     from bnlab.train import load_data
 
     s = settings_from_args(args)
     on_epoch = None if args.json else (lambda r: print(_epoch_line(r), flush=True))
-    progress = False if (args.quiet or args.json) else None
-    tb = None
-    if args.tensorboard:
-        from bnlab.experiments import run_id
-        from bnlab.train.tensorboard import TensorBoardLogger
-
-        tb = TensorBoardLogger(args.tensorboard, "train", run_id(s), s.to_dict())
-        printer = on_epoch
-        on_epoch = lambda r: (tb.epoch(r), printer and printer(r))  # noqa: E731
-    data = load_data(s)
-    hist = (lambda step, layer, x: tb.histogram(f"activations/{layer}", x, step)) if tb is not None else None
-    tracker = tracker_for(s, data[1], hist)
-    extra = {}
-    if tracker is not None:
-        extra = {"activations": tracker.records}  # filled in during training, saved with the checkpoint
-    res = train(s, progress=progress, on_epoch=on_epoch, checkpoint=args.checkpoint, datasets=data,
-                callbacks=[tracker] if tracker else [], checkpoint_extra=extra)
+    res, tracker, tb = train_with_extras(s, datasets=load_data(s), tensorboard=args.tensorboard, on_epoch=on_epoch,
+                                         progress=False if (args.quiet or args.json) else None,
+                                         checkpoint=args.checkpoint)
     h = res.history
     out = {"status": h.status, "settings": s.to_dict(), "epochs": h.epochs, "steps": h.steps,
            "stop_reason": h.stop_reason, "checkpoint": args.checkpoint}
     if tracker is not None:
         out["activations"] = tracker.summary()
     if tb is not None:
-        tb.close(h.status, h.final())
         out["tensorboard"] = str(tb.dir)
     if args.json:
         print(json.dumps(_finite(out)))

@@ -103,6 +103,18 @@ def test_functional_matches_torch_functional(backend):
     torch.testing.assert_close(F.batch_norm(x, rm1, rv1), nn.functional.batch_norm(x, rm2, rv2))
 
 
+def test_non_contiguous_running_stats_are_updated(backend):
+    # running statistics that are strided views: updated outside the kernel, same result as torch
+    x = torch.randn(6, 3, 4)
+    store1, store2 = torch.zeros(2, 6), torch.zeros(2, 6)
+    store1[1], store2[1] = 1.0, 1.0
+    w = torch.ones(3, requires_grad=True)
+    F.batch_norm(x, store1[0, ::2], store1[1, ::2], w, None, training=True, momentum=0.2)
+    nn.functional.batch_norm(x, store2[0, ::2], store2[1, ::2], w, None, training=True, momentum=0.2)
+    torch.testing.assert_close(store1, store2)
+    assert store1[0, ::2].abs().sum() > 0
+
+
 def test_float64_and_no_grad_paths(backend):
     ref = nn.BatchNorm2d(3).double()
     ours = bnn.BatchNorm2d(3).double()

@@ -5,6 +5,8 @@
 >>> for x, y in train.batches(1000, shuffle=True): ...
 """
 
+import torch
+
 from bnlab.data.dataset import STANDARDIZE_MODES, Dataset, Standardizer, channel_stats, index_batches
 from bnlab.data.idx import read_idx, write_idx
 from bnlab.data.sources import SOURCES, find, get_source, load, load_splits, search_dirs
@@ -21,7 +23,7 @@ def info(name: str, data_dir=None, **options) -> dict:
     train = load(name, "train", data_dir, **options)
     test = load(name, "test", data_dir, **options)
     mean, std = channel_stats(train.x)
-    scale = 255.0 if train.x.dtype.is_floating_point is False else 1.0
+    scale = 255.0 if train.x.dtype == torch.uint8 else 1.0
     return {
         "name": name,
         "description": get_source(name).description,

@@ -9,6 +9,7 @@ slicing: no per-sample ``DataLoader`` on the hot path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -63,17 +64,15 @@ class Standardizer:
         out = x.to(torch.float32, copy=True)
         if self.mode == "none":
             return out
-        mean, inv = self._tensors(x.dim())
-        return out.sub_(mean).mul_(inv)
+        mean, inv = self._mean_inv
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return out.sub_(mean.view(shape)).mul_(inv.view(shape))
 
-    def _tensors(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # built once per input rank and cached: this runs for every batch
-        cache = self.__dict__.setdefault("_cache", {})
-        if dim not in cache:
-            shape = (1, -1) + (1,) * (dim - 2)
-            cache[dim] = (torch.tensor(self.mean, dtype=torch.float32).view(shape),
-                          torch.tensor([1.0 / s for s in self.std], dtype=torch.float32).view(shape))
-        return cache[dim]
+    @cached_property
+    def _mean_inv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # built once, not for every batch
+        return (torch.tensor(self.mean, dtype=torch.float32),
+                torch.tensor([1.0 / s for s in self.std], dtype=torch.float32))
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "mean": list(self.mean), "std": list(self.std)}

@@ -67,40 +67,65 @@ class _EpochSink:
         return [self.held] if self.held is not None else []
 
 
+def train_with_extras(s, *, datasets, tensorboard: str | None = None, sweep: str = "train", rid: str | None = None,
+                      on_epoch=None, progress: bool | None = False, checkpoint=None):
+    """``train`` plus what the settings and options ask for around it: activation tracking
+    (``s.track_activations``; records saved in the checkpoint too) and TensorBoard event files.
+    Returns ``(result, tracker or None, tensorboard logger or None)``; the TensorBoard files are
+    closed even when training raises."""
+    from bnlab.experiments.config import run_id
+    from bnlab.train import train
+
+    tb = None
+    if tensorboard:
+        from bnlab.train.tensorboard import TensorBoardLogger
+
+        tb = TensorBoardLogger(tensorboard, sweep, rid or run_id(s), s.to_dict())
+    tracker = tracker_for(s, datasets[1], tb.activation if tb is not None else None)
+    epochs = []
+
+    def epoch(r):
+        epochs.append(r)
+        if tb is not None:
+            tb.epoch(r)
+        if on_epoch is not None:
+            on_epoch(r)
+
+    status = "failed"
+    try:
+        res = train(s, datasets=datasets, callbacks=[tracker] if tracker else [], progress=progress, on_epoch=epoch,
+                    checkpoint=checkpoint, checkpoint_extra={"activations": tracker.records} if tracker else None)
+        status = res.history.status
+        return res, tracker, tb
+    finally:
+        if tb is not None:
+            tb.close(status, epochs[-1] if epochs else {})
+
+
 def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
-                tensorboard: str | None = None, sweep: str = "", claimed: bool = False) -> dict:
+                tensorboard: str | None = None, sweep: str = "") -> dict:
     """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env}``."""
     from bnlab.experiments.store import RunStore
-    from bnlab.train import TrainSettings, train
+    from bnlab.train import TrainSettings
 
     if threads:
         torch.set_num_threads(threads)
     store = RunStore(store_path) if store_path else None
     env = environment()
     try:
-        if store is not None and not claimed and not store.claim(run_id, os.getpid(), env):
+        if store is not None and not store.claim(run_id, os.getpid(), env):
             return {"run_id": run_id, "status": "skipped"}
         s = TrainSettings.from_dict(settings)
         sink = _EpochSink(store, run_id)
-        tb = None
-        if tensorboard:
-            from bnlab.train.tensorboard import TensorBoardLogger
-
-            tb = TensorBoardLogger(tensorboard, sweep, run_id, s.to_dict())
-        on_epoch = sink if tb is None else (lambda r: (sink(r), tb.epoch(r)))
-        datasets = _datasets(s)
-        hist = (lambda step, layer, x: tb.histogram(f"activations/{layer}", x, step)) if tb is not None else None
-        tracker = tracker_for(s, datasets[1], hist)
+        tracker = None
         try:
-            res = train(s, datasets=datasets, callbacks=[tracker] if tracker else [], progress=False,
-                        on_epoch=on_epoch)
+            res, tracker, _ = train_with_extras(s, datasets=_datasets(s), tensorboard=tensorboard, sweep=sweep,
+                                                rid=run_id, on_epoch=sink)
             status, error, stop = res.history.status, None, res.history.stop_reason
         except BnlabError as e:
             status, error, stop = "failed", str(e), None
         except Exception:  # noqa: BLE001 - a failed run must not take the sweep down; the store keeps the traceback
             status, error, stop = "failed", traceback.format_exc(limit=8), None
-        if tb is not None:
-            tb.close(status, sink.all[-1] if sink.all else {})
         summary, activations = {}, []
         if tracker is not None:
             summary = tracker.summary()
@@ -121,10 +146,6 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
     finally:
         if store is not None:
             store.close()
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -153,8 +174,7 @@ def run_local(tasks: list[Task], store_path: str, workers: int, tensorboard: str
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = {pool.submit(execute_run, t.run_id, t.settings, store_path=store_path, threads=threads,
                                tensorboard=tensorboard, sweep=sweep): t for t in tasks}
         broken = False

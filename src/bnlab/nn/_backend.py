@@ -37,12 +37,18 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
-def update_running(running_mean, running_var, mean, var, m, momentum) -> None:
-    """Moving averages: ``r = (1 - momentum) * r + momentum * batch``; the variance is unbiased."""
+def update_running(running_mean, running_var, mean, unbiased_var, momentum) -> None:
+    """Moving averages ``r = (1 - momentum) * r + momentum * batch`` (the variance unbiased)."""
     if running_mean is not None:
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
-        running_var.mul_(1 - momentum).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+
+def unbiased(var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The biased per-channel variance of ``x`` turned unbiased: ``var * M / (M - 1)``."""
+    m = x.numel() // x.shape[1]
+    return var * (m / (m - 1))
 
 
 class EagerBackend:
@@ -57,7 +63,7 @@ class EagerBackend:
         scale = invstd if weight is None else weight * invstd
         shift = -mean * scale if bias is None else bias - mean * scale
         y = torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))
-        update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        update_running(running_mean, running_var, mean, unbiased(var, x), momentum)
         return y, mean, var, invstd
 
     @staticmethod
@@ -101,13 +107,18 @@ class CppBackend:
     def __init__(self, module):
         self.m = module
 
+    @staticmethod
+    def _with_running(kernel, x, weight, bias, running_mean, running_var, momentum, eps):
+        """Call a training kernel so the running statistics get updated: inside the kernel when
+        they are contiguous tensors of the input's dtype, otherwise here from its batch stats."""
+        if all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var)):
+            return tuple(kernel(x, weight, bias, running_mean, running_var, momentum, eps))
+        out = tuple(kernel(x, weight, bias, None, None, momentum, eps))
+        update_running(running_mean, running_var, out[1], unbiased(out[2], x), momentum)
+        return out
+
     def forward_train(self, x, weight, bias, running_mean, running_var, momentum, eps):
-        in_kernel = all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var))
-        if in_kernel:
-            return tuple(self.m.forward_train(x, weight, bias, running_mean, running_var, momentum, eps))
-        y, mean, var, invstd = self.m.forward_train(x, weight, bias, None, None, momentum, eps)
-        update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-        return y, mean, var, invstd
+        return self._with_running(self.m.forward_train, x, weight, bias, running_mean, running_var, momentum, eps)
 
     def backward_train(self, dy, x, weight, mean, invstd, need_dx):
         return tuple(self.m.backward_train(dy, x, weight, mean, invstd, need_dx))
@@ -120,11 +131,7 @@ class CppBackend:
 
     # The C++ twins of functional.BatchNormTrain / BatchNormEval (same math, no Python per call).
     def train_autograd(self, x, weight, bias, running_mean, running_var, momentum, eps):
-        if not all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var)):
-            y, mean, var = self.m.train_autograd(x, weight, bias, None, None, momentum, eps)
-            update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-            return y, mean, var
-        return tuple(self.m.train_autograd(x, weight, bias, running_mean, running_var, momentum, eps))
+        return self._with_running(self.m.train_autograd, x, weight, bias, running_mean, running_var, momentum, eps)
 
     def eval_autograd(self, x, running_mean, running_var, weight, bias, eps):
         return self.m.eval_autograd(x, running_mean, running_var, weight, bias, eps)

@@ -98,22 +98,14 @@ class _BatchNorm(nn.Module):
         self.num_batches_tracked.add_(1)
         return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
-    def _uses_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
-
-    def _running(self):
-        """Running tensors to update this step (None when not tracking or in eval mode)."""
-        if self.training and self.track_running_stats:
-            return self.running_mean, self.running_var
-        return None, None
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if not self._uses_batch_stats():
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        momentum = self._step_momentum() if self.training and self.track_running_stats else 0.0
-        rm, rv = self._running()
-        return F.batch_norm(input, rm, rv, self.weight, self.bias, True, momentum, self.eps)
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                self._step_momentum(), self.eps)
+        if self.training or self.running_mean is None:  # batch statistics, nothing to update
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class _Dims1d:

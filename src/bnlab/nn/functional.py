@@ -108,13 +108,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     updates them in place; ``training=False`` uses ``running_mean``/``running_var``.
     """
     if training:
-        verify_batch_size(input.size())
-        backend = get_backend(input)
-        if _needs_graph(input, weight, bias):
-            if backend.name == "cpp":
-                return backend.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps)[0]
-            return BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, None)
-        return backend.forward_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        return batch_norm_stats(input, running_mean, running_var, weight, bias, momentum, eps)[0]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
     backend = get_backend(input)

@@ -24,7 +24,7 @@ import torch
 
 from bnlab.errors import ConfigError
 from bnlab.nn import functional as F
-from bnlab.nn._backend import update_running
+from bnlab.nn._backend import unbiased, update_running
 from bnlab.nn.batchnorm import _BatchNorm, _Dims1d, _Dims2d
 
 
@@ -72,7 +72,7 @@ class _BatchRenorm(_BatchNorm):
         bias = d if self.weight is None else self.weight * d + self.bias
         y = F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
         with torch.no_grad():
-            update_running(self.running_mean, self.running_var, mean_b, var_b, input.numel() // input.shape[1], momentum)
+            update_running(self.running_mean, self.running_var, mean_b, unbiased(var_b, input), momentum)
         return y
 
 
@@ -108,14 +108,11 @@ class _GhostBatchNorm(_BatchNorm):
         for chunk in chunks:
             y, mean, var = F.batch_norm_stats(chunk, None, None, self.weight, self.bias, 0.0, self.eps)
             outs.append(y)
-            m = chunk.numel() // chunk.shape[1]
             means.append(mean)
-            vars_.append(var * (m / (m - 1)))  # unbiased, like BN's running variance
+            vars_.append(unbiased(var, chunk))
         with torch.no_grad():
-            mean = torch.stack(means).mean(0)
-            unbiased = torch.stack(vars_).mean(0)
-            self.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+            update_running(self.running_mean, self.running_var, torch.stack(means).mean(0), torch.stack(vars_).mean(0),
+                           momentum)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -9,18 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.errors import ConfigError, DataFormatError
-
-
-@torch.no_grad()
-def predict_logits(model, data, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    was = model.training
-    model.eval()
-    outs, ys = [], []
-    for x, y in data.batches(batch_size):
-        outs.append(model(x))
-        ys.append(y)
-    model.train(was)
-    return torch.cat(outs), torch.cat(ys)
+from bnlab.train.loop import predict_logits
 
 
 def evaluate(model, data, batch_size: int = 1000) -> dict:

@@ -13,7 +13,6 @@ from torch import nn
 
 from bnlab.errors import ConfigError
 from bnlab.train.augment import Augment
-from bnlab.train.callbacks import Callback
 
 
 @dataclass
@@ -74,27 +73,29 @@ def make_schedule(name: str, opt, lr: float, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode (mode restored)."""
+def predict_logits(model: nn.Module, data, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every example of ``data``, model in eval mode (mode restored)."""
     was = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    outs, ys = [], []
     for x, y in data.batches(batch_size):
-        out = model(x)
-        total_loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        outs.append(model(x))
+        ys.append(y)
     model.train(was)
-    n = len(data)
-    return total_loss / n, correct / n
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode."""
+    logits, y = predict_logits(model, data, batch_size)
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
 def _progress_bar(total: int, desc: str, enabled: bool | None):
     from tqdm.auto import tqdm
 
-    # enabled=None: tqdm shows the bar only when stderr is a terminal.
-    disable = None if enabled is None else not enabled
-    if enabled is None and not sys.stderr.isatty():
-        disable = True
+    # enabled=None: show the bar only when stderr is a terminal
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=disable, mininterval=0.2,
                 dynamic_ncols=True, file=sys.stderr)
 
@@ -129,9 +130,7 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         state.epoch = epoch
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.long)
-        seen = 0
+        loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
         diverged = False
         for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
@@ -141,7 +140,8 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
                 cb.on_batch_begin(state)
             out = model(x)
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
+            batch_loss = loss.item()
+            if not math.isfinite(batch_loss):
                 diverged = True
                 break
             opt.zero_grad(set_to_none=True)
@@ -149,30 +149,26 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             opt.step()
             if scheduler is not None:
                 scheduler.step()
-            with torch.no_grad():
-                loss_sum += loss.detach().double() * len(y)
-                correct += (out.argmax(1) == y).sum()
+            loss_sum += batch_loss * len(y)
+            correct += int((out.detach().argmax(1) == y).sum())
             seen += len(y)
             state.step += 1
-            state.batch_loss = loss.item()
+            state.batch_loss = batch_loss
             for cb in callbacks:
                 cb.on_batch_end(state)
             if not bar.disable:
                 bar.update(1)
                 if state.step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
         bar.close()
         history.steps = state.step
         if diverged:
             history.status = "diverged"
             history.stop_reason = f"non-finite loss at epoch {epoch}, step {state.step + 1}"
             break
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen, 1),
-                  "train_acc": correct.item() / max(seen, 1)}
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
         if test is not None:
             record["test_loss"], record["test_acc"] = evaluate_loss_acc(model, test)
-            if not math.isfinite(record["test_loss"]):
-                record["test_loss"] = float("inf")
         record["seconds"] = time.perf_counter() - t0
         history.epochs.append(record)
         if on_epoch is not None:

@@ -58,8 +58,9 @@ class TensorBoardLogger:
         w.add_scalar("epoch/seconds", r["seconds"], e)
         w.flush()
 
-    def histogram(self, tag: str, values, step: int) -> None:
-        self.writer.add_histogram(tag, values, step)
+    def activation(self, step: int, layer: str, values) -> None:
+        """A histogram of a tracked layer's input (the ActivationTracker's ``on_record``)."""
+        self.writer.add_histogram(f"activations/{layer}", values, step)
 
     def close(self, status: str, final: dict) -> None:
         metrics = {f"hparam/{k}": float(final[k]) for k in ("train_acc", "test_acc", "train_loss", "test_loss")
