@@ -233,10 +233,11 @@ def cmd_predict(args) -> int:
 
 # ---------------------------------------------------------------- experiments
 
-def _store(args, create=False):
+def _store(args):
+    """The run store named by --store; an error if it does not exist yet."""
     from bnlab.experiments import RunStore
 
-    return RunStore(args.store, create=create)
+    return RunStore(args.store, create=False)
 
 
 def cmd_sweep(args) -> int:
@@ -431,6 +432,10 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+def _add_json(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
 def _add_data_dir(p) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset's files (searched first)")
 
@@ -490,13 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="list, inspect, show and fetch datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("list", help="the named datasets and where each was found")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_data_list)
     p = dsub.add_parser("info", help="counts, shape, classes, train mean/std, location")
     p.add_argument("name")
     _add_data_dir(p)
     _add_image_options(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_data_info)
     p = dsub.add_parser("show", help="save a labelled grid of sample images")
     p.add_argument("name")
@@ -506,19 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("-n", type=int, default=36, help="number of images (default 36)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_data_show)
     p = dsub.add_parser("fetch", help="download mnist or fashion-mnist with MD5 verification")
     p.add_argument("name", choices=("fashion-mnist", "mnist"))
     _add_data_dir(p)
     p.add_argument("--mirror", help="base URL serving the same files (checksums still enforced)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_data_fetch)
 
     models = sub.add_parser("models", help="list and show the network zoo")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     p = msub.add_parser("list", help="the reference networks")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_models_list)
     p = msub.add_parser("show", help="a Keras-style summary: layers, output shapes, parameters")
     p.add_argument("name", help="zoo name or spec .toml file")
@@ -528,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     p.add_argument("--input-shape", help="e.g. 1,28,28 (instead of --dataset)")
     p.add_argument("--classes", type=int, default=10, help="with --input-shape: number of classes")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_models_show)
 
     p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics")
@@ -545,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--confusion", help="write the confusion matrix as a PNG")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files with a checkpoint")
@@ -554,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--invert", action="store_true",
                    help="invert pixel values first: dark objects on a light background, for MNIST-style models")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_predict)
 
     from bnlab.experiments.store import DEFAULT_STORE
@@ -592,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", required=True, help="the setting to compare, e.g. bn")
     p.add_argument("--metric", default="test_acc")
     p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="learning curves of a sweep: mean over seeds with a band")
@@ -602,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", help="curves per value of these settings (default: the gridded ones)")
     p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
     p.add_argument("-o", "--output", default="curves.png")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="one self-contained HTML report of a sweep")
@@ -610,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", required=True)
     p.add_argument("--by", help="setting whose effect to test (default: the first gridded one)")
     p.add_argument("-o", "--output", default="report.html")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("doctor", help="check a checkpoint's BN layers against the data (and --fix them)")
@@ -620,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10000, help="training images used for statistics (default 10000)")
     p.add_argument("--fix", action="store_true", help="recalibrate the running statistics (precise BN)")
     p.add_argument("-o", "--output", help="with --fix: where to write the recalibrated checkpoint")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plot-activations", help="percentiles of tracked layer inputs over training")
@@ -629,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint trained with --track-activations")
     p.add_argument("--layer", help="one layer (e.g. 9 or 9:Sigmoid); default: every tracked layer")
     p.add_argument("-o", "--output", default="ics.png")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_plot_activations)
 
     from bnlab.experiments.reproduce import recipe_names
@@ -645,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--figure", help="ioffe: where to write the Fig. 1 trio (default <sweep>-fig1.png)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_json(p)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")

@@ -122,4 +122,4 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
 
 
 def load_config(path: str | Path) -> SweepConfig:
-    return parse_config(read_toml(path, "sweep config"), str(path))
+    return parse_config(read_toml(path, "sweep config", "see experiments/*.toml for examples"), str(path))

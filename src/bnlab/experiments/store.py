@@ -54,8 +54,10 @@ CREATE TABLE IF NOT EXISTS activations (
 
 
 def _pid_alive(pid: int | None, host: str | None) -> bool:
-    if pid is None or host != socket.gethostname():
-        return host is not None and host != socket.gethostname()  # another host's run: assume alive
+    if host is not None and host != socket.gethostname():
+        return True  # another machine's process: no way to check, assume it is alive
+    if pid is None:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -142,11 +144,20 @@ class RunStore:
             rows = db.execute("SELECT run_id, pid, host FROM runs WHERE status = 'running'").fetchall()
             for rid, pid, host in rows:
                 if (run_ids is None or rid in run_ids) and not _pid_alive(pid, host):
-                    db.execute("DELETE FROM epochs WHERE run_id = ?", (rid,))
-                    db.execute("DELETE FROM activations WHERE run_id = ?", (rid,))
-                    db.execute("UPDATE runs SET status = 'queued', pid = NULL WHERE run_id = ?", (rid,))
+                    self._requeue(db, rid, None)
                     reset.append(rid)
         return reset
+
+    @staticmethod
+    def _clear_results(db, run_id: str) -> None:
+        """Delete whatever a run wrote before it was interrupted (it reruns from scratch)."""
+        db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+        db.execute("DELETE FROM activations WHERE run_id = ?", (run_id,))
+
+    def _requeue(self, db, run_id: str, error: str | None) -> None:
+        self._clear_results(db, run_id)
+        db.execute("UPDATE runs SET status = 'queued', pid = NULL, error = ? WHERE run_id = ? AND status = 'running'",
+                   (error, run_id))
 
     def claim(self, run_id: str, pid: int | None = None, env: dict | None = None) -> bool:
         """Mark a run ``running`` (deleting any partial epochs) unless it is finished or taken."""
@@ -157,8 +168,7 @@ class RunStore:
             status, old_pid, host = row
             if status in ("done", "diverged") or (status == "running" and _pid_alive(old_pid, host)):
                 return False
-            db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
-            db.execute("DELETE FROM activations WHERE run_id = ?", (run_id,))
+            self._clear_results(db, run_id)
             db.execute("UPDATE runs SET status = 'running', started = ?, ended = NULL, error = NULL, pid = ?, host = ?, "
                        "attempts = attempts + 1, env = ?, stop_reason = NULL, summary = NULL WHERE run_id = ?",
                        (time.time(), pid or os.getpid(), socket.gethostname(), json.dumps(env or {}), run_id))
@@ -194,10 +204,9 @@ class RunStore:
                         json.dumps(env) if env else None, run_id))
 
     def requeue(self, run_id: str, error: str | None = None) -> None:
+        """Put a run this process was running back in the queue (it was interrupted)."""
         with self.write() as db:
-            db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
-            db.execute("UPDATE runs SET status = 'queued', pid = NULL, error = ? WHERE run_id = ? AND status = 'running'",
-                       (error, run_id))
+            self._requeue(db, run_id, error)
 
     # ---------------------------------------------------------------- queries
 
@@ -254,7 +263,7 @@ class RunStore:
     def find_run(self, prefix: str) -> str:
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ?", (prefix + "%",)).fetchall()
         if not rows:
-            raise ConfigError(f"no run with id {prefix!r} in {self.path}")
+            raise ConfigError(f"no run with id {prefix!r} in {self.path}: see the run_id column of 'bnlab results'")
         if len(rows) > 1:
             raise ConfigError(f"run id {prefix!r} is ambiguous ({len(rows)} runs match): give more characters")
         return rows[0][0]

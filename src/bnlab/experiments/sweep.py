@@ -63,28 +63,25 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
             log(f"{summary.skipped} of {len(unique)} run(s) already finished in {store_path}: skipped")
         keys = cfg.grid_keys() + ["seed"]
         tasks = [Task(r.run_id, r.settings.to_dict(), describe(r.settings.to_dict(), keys)) for r in todo]
-        if not tasks:
-            return summary
-        log(f"running {len(tasks)} run(s) of sweep {cfg.name!r} with {executor} executor, {workers} worker(s)")
-        count = [summary.skipped]
+        if tasks:
+            log(f"running {len(tasks)} run(s) of sweep {cfg.name!r} with {executor} executor, {workers} worker(s)")
 
-        def report(task, out):
-            count[0] += 1
-            summary.finished[task.run_id] = out["status"]
-            final = (out.get("epochs") or [{}])[-1] if out.get("epochs") else {}
-            metric = f" test_acc {final['test_acc']:.4f}" if final.get("test_acc") is not None else ""
-            err = f" ({out['error'].strip().splitlines()[-1]})" if out.get("error") else ""
-            log(f"[{count[0]}/{len(unique)}] {out['status']:<8} {task.label}{metric}{err}")
+            def report(task, out):
+                summary.finished[task.run_id] = out["status"]
+                final = (out.get("epochs") or [{}])[-1]
+                metric = f" test_acc {final['test_acc']:.4f}" if final.get("test_acc") is not None else ""
+                err = f" ({out['error'].strip().splitlines()[-1]})" if out.get("error") else ""
+                done = summary.skipped + len(summary.finished)
+                log(f"[{done}/{len(unique)}] {out['status']:<8} {task.label}{metric}{err}")
 
-        if executor == "ray":
-            run_ray(tasks, store, ray_address, tensorboard, cfg.name, report, workers)
-        else:
-            run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report, threads)
+            if executor == "ray":
+                run_ray(tasks, store, ray_address, tensorboard, cfg.name, report, workers)
+            else:
+                run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report, threads)
+        summary.seconds = time.perf_counter() - t0
+        return summary
     finally:
-        summary_time = time.perf_counter() - t0
         store.close()
-    summary.seconds = summary_time
-    return summary
 
 
 def check_data(runs) -> None:

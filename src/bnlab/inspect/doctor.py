@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bnlab.nn import is_batchnorm, population_statistics, recalibrate_batchnorm
+from bnlab.train import evaluate_loss_acc
 
 # A channel whose running mean is off by more than this many population standard deviations, or
 # whose running variance is off by more than this factor, is flagged.
@@ -30,13 +31,14 @@ ACC_GAP = 0.02  # eval-mode accuracy this much below batch-statistics accuracy i
 def accuracy(model: nn.Module, data, batch_size: int = 500, batch_stats: bool = False) -> float:
     """Accuracy with BN in eval mode, or with each BN using the current batch's statistics
     (other layers in eval mode; running statistics untouched)."""
+    if not batch_stats:
+        return evaluate_loss_acc(model, data, batch_size)[1]
     m = copy.deepcopy(model)
     m.eval()
-    if batch_stats:
-        for mod in m.modules():
-            if is_batchnorm(mod):
-                mod.train()
-                mod.momentum = 0.0  # use batch statistics without moving the (copied) running ones
+    for mod in m.modules():
+        if is_batchnorm(mod):
+            mod.train()
+            mod.momentum = 0.0  # use batch statistics without moving the (copied) running ones
     correct = 0
     for x, y in data.batches(batch_size):
         correct += int((m(x).argmax(1) == y).sum())

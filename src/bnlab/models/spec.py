@@ -102,7 +102,7 @@ def validate_spec(spec: dict) -> dict:
 def load_spec(path: str | Path) -> dict:
     """A spec from a TOML file (top-level keys as in a Python spec, ``[[layers]]`` tables)."""
     path = Path(path)
-    spec = read_toml(path, "spec file")
+    spec = read_toml(path, "spec file", "use a zoo name (bnlab models list) or a spec .toml")
     spec.setdefault("name", path.stem)
     return validate_spec(spec)
 

@@ -164,11 +164,14 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
         cols = varying + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc") for s in ("mean", "std", "ci95")]
         parts += ["<h2>Mean over seeds</h2>", _html_table(grouped, cols)]
     if by:
-        try:
-            c = compare(flat, by, "test_acc")
-            parts += [f"<h2>Effect of {html.escape(by)}</h2>", f"<pre>{html.escape(format_compare(c))}</pre>"]
-        except ConfigError as e:
-            parts.append(f"<p>No comparison: {html.escape(str(e))}</p>")
+        # held-out accuracy always; the claim's own metric too when it is another one
+        for metric in dict.fromkeys([claim.get("metric", "test_acc"), "test_acc"]):
+            try:
+                c = compare(flat, by, metric)
+                parts += [f"<h2>Effect of {html.escape(by)} on {html.escape(metric)}</h2>",
+                          f"<pre>{html.escape(format_compare(c))}</pre>"]
+            except ConfigError as e:
+                parts.append(f"<p>No comparison on {html.escape(metric)}: {html.escape(str(e))}</p>")
     with tempfile.TemporaryDirectory() as tmp:
         for metric in ("test_acc", "train_acc", "test_loss"):
             try:

@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist: write one with 'bnlab train --checkpoint PATH'")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
