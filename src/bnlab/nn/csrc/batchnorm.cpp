@@ -268,47 +268,13 @@ torch::Tensor forward_eval(torch::Tensor x, torch::Tensor running_mean, torch::T
   return y;
 }
 
-// Gradients of the inference transform: dx = dy * gamma * invstd, dgamma = sum(dy * (x - rm)) * invstd,
-// dbeta = sum(dy). Returns dx (undefined if !need_dx), dgamma, dbeta.
-std::vector<torch::Tensor> backward_eval(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> weight,
-                                         torch::Tensor running_mean, torch::Tensor running_var, double eps,
-                                         bool need_dx) {
-  check_input(x);
-  x = x.contiguous();
-  dy = dy.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
-  auto opts = x.options();
-  auto dgamma = torch::empty({C}, opts), dbeta = torch::empty({C}, opts);
-  torch::Tensor dx;
-  if (need_dx) dx = torch::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_bn_backward_eval", [&] {
-    auto rm = running_mean.to(x.scalar_type()).contiguous(), rv = running_var.to(x.scalar_type()).contiguous();
-    const scalar_t* mp = rm.data_ptr<scalar_t>();
-    const scalar_t* vp = rv.data_ptr<scalar_t>();
-    std::vector<double> m(mp, mp + C), sum_dy(C), dot(C);
-    grad_sums<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), m.data(), N, C, S, sum_dy.data(), dot.data());
-    torch::Tensor wh;
-    const scalar_t* w = optional_ptr<scalar_t>(weight, wh, x.scalar_type());
-    auto* dg = dgamma.data_ptr<scalar_t>();
-    auto* db = dbeta.data_ptr<scalar_t>();
-    std::vector<scalar_t> a(C), zero(C, 0);
-    for (int64_t c = 0; c < C; ++c) {
-      const double is = 1.0 / std::sqrt(static_cast<double>(vp[c]) + eps);
-      dg[c] = static_cast<scalar_t>(dot[c] * is);
-      db[c] = static_cast<scalar_t>(sum_dy[c]);
-      a[c] = static_cast<scalar_t>((w ? w[c] : 1.0) * is);
-    }
-    if (need_dx) {
-      affine_pass<scalar_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), mp, a.data(), zero.data(), zero.data(),
-                            dx.data_ptr<scalar_t>(), N, C, S);
-    }
-  });
-  return {dx, dgamma, dbeta};
-}
-
+// Shared backward. With batch statistics (through_stats) the gradient also flows through the
+// batch mean and variance: dx = a*dy + b*(x - mean) + k, b = -a*invstd^2*dot/M, k = -a*sum_dy/M.
+// With running statistics (inference) they are constants: b = k = 0, dx = a*dy.
+// Either way a = gamma*invstd, dgamma = dot*invstd, dbeta = sum_dy, dot = sum(dy*(x - mean)).
 // Returns dx (undefined if !need_dx), dgamma, dbeta.
-std::vector<torch::Tensor> backward_train(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> weight,
-                                          torch::Tensor mean, torch::Tensor invstd, bool need_dx) {
+std::vector<torch::Tensor> backward_common(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> weight,
+                                           torch::Tensor mean, torch::Tensor invstd, bool need_dx, bool through_stats) {
   check_input(x);
   x = x.contiguous();
   dy = dy.contiguous();
@@ -320,25 +286,26 @@ std::vector<torch::Tensor> backward_train(torch::Tensor dy, torch::Tensor x, c10
   if (need_dx) dx = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_bn_backward", [&] {
     auto meanc = mean.to(x.scalar_type()).contiguous();
-    auto invc = invstd.to(x.scalar_type()).contiguous();
+    auto invc = invstd.to(torch::kFloat64).contiguous();
     const scalar_t* mp = meanc.data_ptr<scalar_t>();
-    const scalar_t* ip = invc.data_ptr<scalar_t>();
+    const double* ip = invc.data_ptr<double>();
     std::vector<double> m(mp, mp + C), sum_dy(C), dot(C);
     grad_sums<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), m.data(), N, C, S, sum_dy.data(), dot.data());
     torch::Tensor wh;
     const scalar_t* w = optional_ptr<scalar_t>(weight, wh, x.scalar_type());
     auto* dg = dgamma.data_ptr<scalar_t>();
     auto* db = dbeta.data_ptr<scalar_t>();
-    std::vector<scalar_t> a(C), b(C), k(C);
+    std::vector<scalar_t> a(C), b(C, 0), k(C, 0);
     for (int64_t c = 0; c < C; ++c) {
       const double is = ip[c];
       dg[c] = static_cast<scalar_t>(dot[c] * is);
       db[c] = static_cast<scalar_t>(sum_dy[c]);
       const double ac = w ? w[c] * is : is;
-      const double bc = -ac * is * is * dot[c] / M;
       a[c] = static_cast<scalar_t>(ac);
-      b[c] = static_cast<scalar_t>(bc);
-      k[c] = static_cast<scalar_t>(-ac * sum_dy[c] / M);
+      if (through_stats) {
+        b[c] = static_cast<scalar_t>(-ac * is * is * dot[c] / M);
+        k[c] = static_cast<scalar_t>(-ac * sum_dy[c] / M);
+      }
     }
     if (need_dx) {
       affine_pass<scalar_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), mp, a.data(), b.data(), k.data(),
@@ -346,6 +313,18 @@ std::vector<torch::Tensor> backward_train(torch::Tensor dy, torch::Tensor x, c10
     }
   });
   return {dx, dgamma, dbeta};
+}
+
+std::vector<torch::Tensor> backward_train(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> weight,
+                                          torch::Tensor mean, torch::Tensor invstd, bool need_dx) {
+  return backward_common(dy, x, weight, mean, invstd, need_dx, true);
+}
+
+std::vector<torch::Tensor> backward_eval(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> weight,
+                                         torch::Tensor running_mean, torch::Tensor running_var, double eps,
+                                         bool need_dx) {
+  auto invstd = (running_var.to(torch::kFloat64) + eps).rsqrt();
+  return backward_common(dy, x, weight, running_mean, invstd, need_dx, false);
 }
 
 // ---------------------------------------------------------------------------------------------
