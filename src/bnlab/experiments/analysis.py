@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
 from bnlab.errors import ConfigError
+from bnlab.experiments.config import NOT_IDENTITY
 from bnlab.experiments.store import METRICS
+from bnlab.train.settings import suggest
 
-SETTING_COLUMNS = ("model", "bn", "bn_impl", "norm", "activation", "optimizer", "lr", "schedule", "batch_size",
-                   "epochs", "standardize", "augment", "dataset", "dropout", "virtual_batch_size",
-                   "weight_decay", "momentum", "train_limit", "test_limit")
+# columns of a row that are not settings of the run
+RESULT_COLUMNS = {"run_id", "status", "seed", "epochs_done", "config_versions", *METRICS}
+
+
+def setting_columns(rows_: list[dict]) -> list[str]:
+    """The settings among the columns of ``rows_`` (not the seed, the results or where the data lives)."""
+    if not rows_:
+        return []
+    return [k for k in rows_[0] if k not in RESULT_COLUMNS and k not in NOT_IDENTITY and not k.startswith("summary.")]
+
+
+def varying(rows_: list[dict], exclude=()) -> dict[str, list]:
+    """Settings that take more than one value among ``rows_`` (besides ``exclude`` and the seed),
+    with their values: the things that make runs *different experiments*, not seeds of one."""
+    out = {}
+    for k in setting_columns(rows_):
+        if k in exclude:
+            continue
+        values = {json.dumps(r.get(k), sort_keys=True): r.get(k) for r in rows_}
+        if len(values) > 1:
+            out[k] = sorted(values.values(), key=lambda v: (v is None, str(type(v)), v if v is not None else 0))
+    return out
+
+
+def mixture_note(extra: dict[str, list], by) -> str:
+    """One line saying which other settings differ, and how to pick one of them."""
+    if not extra:
+        return ""
+    what = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in extra.items())
+    k, v = next(iter(extra.items()))
+    return (f"these runs also differ in {what} (besides {', '.join(by) or 'the seed'}): they are different "
+            f"experiments, not seeds of one; choose one with --where {k}={v[-1]}")
 
 
 def _coerce(value: str, example):
@@ -45,15 +77,23 @@ def parse_where(text: str | None) -> list[tuple[str, str]]:
 
 
 def rows(runs: list[dict], where=None) -> list[dict]:
-    """Flat rows: run_id, status, seed, every setting, final metrics, total seconds."""
+    """Flat rows: run_id, status, seed, every setting, final metrics, total seconds.
+
+    Settings a run was stored without (it predates a setting) take the setting's default, so an
+    added setting does not make old and new runs look like different experiments.
+    """
+    from bnlab.train.settings import settings_fields
+
+    defaults = {f.name: f.default for f in settings_fields()}
     out = []
     conds = parse_where(where) if isinstance(where, str) or where is None else where
     for r in runs:
-        s = r["settings"]
+        s = {**defaults, **r["settings"]}
         ok = True
         for k, v in conds:
             if k not in s and k not in ("status",):
-                raise ConfigError(f"--where: unknown setting {k!r}; settings are {', '.join(sorted(s))}")
+                raise ConfigError(f"--where: unknown setting {k!r}{suggest(k, sorted(s))}; settings are "
+                                  f"{', '.join(sorted(s))}")
             actual = r["status"] if k == "status" else s[k]
             if actual != _coerce(v, actual):
                 ok = False
@@ -64,9 +104,24 @@ def rows(runs: list[dict], where=None) -> list[dict]:
         for m in METRICS:
             row[m] = r["final"].get(m)
         row["epochs_done"] = r["epochs_done"]
+        if "config_versions" in r:
+            row["config_versions"] = r["config_versions"]
         row.update({f"summary.{k}": v for k, v in r.get("summary", {}).items()})
         out.append(row)
     return out
+
+
+def check_where_matches(runs: list[dict], where, selected: list[dict]) -> None:
+    """An error when ``--where`` matched nothing, naming the values that exist."""
+    conds = parse_where(where) if isinstance(where, str) or where is None else where
+    if not conds or selected or not runs:
+        return
+    every = rows(runs)
+    hints = []
+    for k, v in conds:
+        values = sorted({str(r.get(k, r["status"] if k == "status" else None)) for r in every})
+        hints.append(f"{k} is one of {', '.join(values)}{suggest(v, values)}")
+    raise ConfigError(f"--where {','.join(f'{k}={v}' for k, v in conds)} matches no run: " + "; ".join(hints))
 
 
 def t_critical(df: float, level: float = 0.95) -> float:
@@ -76,18 +131,23 @@ def t_critical(df: float, level: float = 0.95) -> float:
 
 
 def group(rows_: list[dict], by: list[str], metrics=METRICS) -> list[dict]:
-    """Mean, std and 95% CI half-width over the seeds of each group (finished runs only)."""
+    """Mean, std and 95% CI half-width over the seeds of each group (finished runs only).
+
+    A group holds runs whose settings are all equal but for the seed: any other setting that
+    varies among ``rows_`` is added to ``by`` (see :func:`varying` and :func:`mixture_note`), so
+    runs of different experiments are never averaged together.
+    """
     for k in by:
         if rows_ and k not in rows_[0]:
-            raise ConfigError(f"--group-by: unknown setting {k!r}")
+            raise ConfigError(f"--group-by: unknown setting {k!r}{suggest(k, setting_columns(rows_))}")
+    finished = [r for r in rows_ if r["status"] in ("done", "diverged")]
+    keys = list(by) + [k for k in varying(finished, exclude=by)]
     groups: dict[tuple, list[dict]] = {}
-    for r in rows_:
-        if r["status"] not in ("done", "diverged"):
-            continue
-        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    for r in finished:
+        groups.setdefault(tuple(json.dumps(r[k], sort_keys=True) for k in keys), []).append(r)
     out = []
-    for key, members in groups.items():
-        g = dict(zip(by, key))
+    for members in groups.values():
+        g = {k: members[0][k] for k in keys}
         g["runs"] = len(members)
         g["diverged"] = sum(m["status"] == "diverged" for m in members)
         for m in metrics:
@@ -102,15 +162,36 @@ def group(rows_: list[dict], by: list[str], metrics=METRICS) -> list[dict]:
     return out
 
 
+def strata(rows_: list[dict], by: str) -> list[tuple[dict, list[dict]]]:
+    """The rows split into experiments that differ only in ``by`` and the seed: one
+    ``(fixed settings, rows)`` pair per combination of every other setting that varies."""
+    extra = list(varying([r for r in rows_ if r["status"] in ("done", "diverged")], exclude=(by,)))
+    parts: dict[str, tuple[dict, list[dict]]] = {}
+    for r in rows_:
+        fixed = {k: r[k] for k in extra}
+        parts.setdefault(json.dumps(fixed, sort_keys=True), (fixed, []))[1].append(r)
+    return list(parts.values())
+
+
 def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
     """The effect of setting ``by`` on ``metric``: per level mean/std/CI over seeds, and a Welch
-    t-test between every pair of levels, matched on all other settings being pooled."""
+    t-test between every pair of levels.
+
+    Only runs that differ in ``by`` and the seed are compared: if any other setting varies
+    among ``rows_`` (say 1- and 2-epoch runs of the same sweep) this refuses with a message that
+    says how to choose (``--where epochs=2``); :func:`strata` splits such rows for callers that
+    want every comparison.
+    """
     from scipy import stats
 
     if rows_ and by not in rows_[0]:
-        raise ConfigError(f"--by: unknown setting {by!r}")
+        raise ConfigError(f"--by: unknown setting {by!r}{suggest(by, setting_columns(rows_))}")
     if rows_ and metric not in rows_[0]:
-        raise ConfigError(f"--metric: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        known = [*METRICS, *(k for k in rows_[0] if k.startswith("summary."))]
+        raise ConfigError(f"--metric: unknown metric {metric!r}{suggest(metric, known)}; choose one of {', '.join(known)}")
+    extra = varying([r for r in rows_ if r["status"] == "done"], exclude=(by,))
+    if extra:
+        raise ConfigError(f"cannot compare {by}: {mixture_note(extra, [by])}")
     levels: dict = {}
     for r in rows_:
         if r["status"] == "done" and r.get(metric) is not None and math.isfinite(r[metric]):
@@ -138,7 +219,8 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
             diff = a["mean"] - b["mean"]
             tests.append({"a": a[by], "b": b[by], "diff": diff, "t": t, "p": p,
                           "verdict": verdict(by, a[by], b[by], diff, p, metric, len(va), len(vb))})
-    return {"by": by, "metric": metric, "levels": summary, "tests": tests}
+    fixed = {k: v for k, v in (rows_[0].items() if rows_ else ()) if k in setting_columns(rows_) and k != by}
+    return {"by": by, "metric": metric, "levels": summary, "tests": tests, "fixed": fixed}
 
 
 def verdict(by, a, b, diff, p, metric, na, nb) -> str:

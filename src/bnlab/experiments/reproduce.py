@@ -64,13 +64,24 @@ def _values_at(store: RunStore, run_ids: list[str], metric: str, epoch: int | No
     return vals, at
 
 
+def runs_of(store: RunStore, cfg: SweepConfig) -> list[dict]:
+    """Rows of exactly this config's runs: a sweep name reused with other settings (say fewer
+    epochs) also holds other experiments, which must not be pooled with these."""
+    def belongs(r):
+        return (r["seed"] in cfg.seeds and r.get("dataset") == cfg.dataset
+                and all(r.get(k) == v for k, v in cfg.fixed.items())
+                and all(r.get(k) in v for k, v in cfg.grid.items()))
+
+    return [r for r in rows(store.runs(cfg.name)) if belongs(r)]
+
+
 def comparison(store: RunStore, cfg: SweepConfig) -> dict:
     """Measured values next to the recipe's claim, per level of the claim's setting."""
     claim = cfg.claim or {}
     by = claim.get("by", "bn")
     metric = claim.get("metric", "test_acc")
     epoch = claim.get("epoch")
-    flat = rows(store.runs(cfg.name))
+    flat = runs_of(store, cfg)
     levels = []
     for level in cfg.grid.get(by, [cfg.fixed.get(by)]):
         ids = [r["run_id"] for r in flat if r.get(by) == level and r["status"] in ("done", "diverged")]
@@ -100,7 +111,7 @@ def ics_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | No
     """Fig. 1 of the BN paper from a sweep with activation tracking (bn none vs with BN)."""
     from bnlab.report.plots import ics_figure as draw
 
-    flat = [r for r in rows(store.runs(cfg.name)) if r["status"] in ("done", "diverged")]
+    flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
     levels = cfg.grid.get("bn", [])
     if len(levels) < 2 or not flat:
         return None

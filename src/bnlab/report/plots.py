@@ -40,20 +40,20 @@ def sample_grid(dataset, path: str | Path, n: int = 36, seed: int = 0, cols: int
 
 def _save(fig, path: str | Path) -> Path:
     """Save a figure atomically (temporary file, then rename) and close it."""
-    import os
-    import tempfile
+    from bnlab._files import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
+    fmt = path.suffix.lstrip(".").lower() or "png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        supported = fig.canvas.get_supported_filetypes()
+        if fmt not in supported:
+            from bnlab.errors import ConfigError
+
+            raise ConfigError(f"cannot write a figure as {path}: use one of .{', .'.join(sorted(supported))}")
+        with atomic_path(path, suffix="." + fmt) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bnlab.errors import ConfigError
 from bnlab.experiments import RunStore, compare, group, rows
+from bnlab.experiments.analysis import check_where_matches, mixture_note, strata, varying
 from bnlab.experiments.store import METRICS
 
 TABLE_SETTINGS = ("model", "bn", "norm", "lr", "batch_size", "optimizer", "epochs")
@@ -31,13 +32,10 @@ def _fmt(v, column: str = "") -> str:
 
 
 def varying_settings(rows_: list[dict]) -> list[str]:
-    """Settings that take more than one value among ``rows_`` (plus the usual identifying ones)."""
+    """Settings that take more than one value among ``rows_`` (else the usual identifying ones)."""
     if not rows_:
         return []
-    keys = [k for k in rows_[0] if k not in ("run_id", "status", "seed", "epochs_done", *METRICS)
-            and not k.startswith("summary.")]
-    varying = [k for k in keys if len({json.dumps(r.get(k)) for r in rows_}) > 1]
-    return varying or [k for k in TABLE_SETTINGS if k in keys][:3]
+    return list(varying(rows_)) or [k for k in TABLE_SETTINGS if k in rows_[0]][:3]
 
 
 def format_table(records: list[dict], columns: list[str]) -> str:
@@ -65,15 +63,18 @@ def results_table(store: RunStore, sweep: str | None, where=None, sort: str | No
                   group_by: list[str] | None = None, fmt: str = "table") -> str:
     runs = store.runs(sweep)
     flat = rows(runs, where)
+    check_where_matches(runs, where, flat)
     if group_by:
         grouped = sort_rows(group(flat, group_by), f"{sort}_mean" if sort and not sort.endswith("_mean") else sort)
         if fmt == "json":
             return json.dumps(grouped, indent=2)
-        cols = list(group_by) + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc", "test_loss")
-                                            for s in ("mean", "std", "ci95")]
+        extra = varying([r for r in flat if r["status"] in ("done", "diverged")], exclude=group_by)
+        cols = list(group_by) + list(extra) + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc", "test_loss")
+                                                          for s in ("mean", "std", "ci95")]
         if fmt == "csv":
             return _csv(grouped, list(grouped[0]) if grouped else cols)
-        return format_table(grouped, cols)
+        note = f"note: grouped by {', '.join(extra)} too: {mixture_note(extra, group_by)}\n" if extra else ""
+        return versions_note(store, sweep) + note + format_table(grouped, cols)
     flat = sort_rows(flat, sort)
     if fmt == "json":
         return json.dumps(flat, indent=2)
@@ -82,8 +83,37 @@ def results_table(store: RunStore, sweep: str | None, where=None, sort: str | No
     cols = ["run_id", "status"] + varying_settings(flat) + ["seed", "train_acc", "test_acc", "test_loss", "seconds"]
     if any(r.get("summary.ics_w1") is not None for r in flat):
         cols.append("summary.ics_w1")
+    if len(store.sweep_versions(sweep) if sweep else []) > 1:
+        cols.append("config_versions")
     short = [{**r, "run_id": r["run_id"][:8]} for r in flat]
-    return format_table(short, cols)
+    return versions_note(store, sweep) + format_table(short, cols)
+
+
+def config_changes(versions: list[dict]) -> list[str]:
+    """One line per config version after the first: what changed from the one before."""
+    lines = []
+    for prev, cur in zip(versions, versions[1:]):
+        a, b = _flat_config(prev["config"]), _flat_config(cur["config"])
+        diff = [f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        lines.append(f"v{cur['version']}: " + ("; ".join(diff) or "no setting changed"))
+    return lines
+
+
+def _flat_config(cfg: dict) -> dict:
+    out = {k: json.dumps(v) for k, v in cfg.items() if k not in ("fixed", "grid", "claim", "description")}
+    out.update({k: json.dumps(v) for k, v in cfg.get("fixed", {}).items()})
+    out.update({f"grid.{k}": json.dumps(v) for k, v in cfg.get("grid", {}).items()})
+    return out
+
+
+def versions_note(store: RunStore, sweep: str | None) -> str:
+    """A header saying that a sweep's config changed under the same name (empty if it never did)."""
+    versions = store.sweep_versions(sweep) if sweep else []
+    if len(versions) < 2:
+        return ""
+    head = (f"note: sweep {sweep!r} was run with {len(versions)} configs (versions "
+            f"{', '.join(str(v['version']) for v in versions)}; column config_versions):")
+    return "\n".join([head] + [f"  {line}" for line in config_changes(versions)]) + "\n"
 
 
 def _csv(records, columns) -> str:
@@ -107,12 +137,14 @@ def format_compare(c: dict) -> str:
 def curves_by(store: RunStore, sweep: str, group_by: list[str], metric: str = "test_acc", where=None) -> dict:
     """{group label: [per-seed curve [(epoch, value)]]} for finished runs of a sweep."""
     runs = store.runs(sweep)
-    flat = {r["run_id"]: r for r in rows(runs, where)}
+    selected = rows(runs, where)
+    check_where_matches(runs, where, selected)
+    flat = {r["run_id"]: r for r in selected}
     if metric not in METRICS:
         raise ConfigError(f"--metric: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if not group_by:
-        group_by = varying_settings(list(flat.values()))
-        group_by = [k for k in group_by if k != "seed"]
+    finished = [r for r in selected if r["status"] in ("done", "diverged")]
+    # a curve is one experiment: split by every other setting that varies, never pool them
+    group_by = list(group_by or []) + [k for k in varying(finished, exclude=group_by or ())]
     series: dict = {}
     for rid, r in flat.items():
         if r["status"] not in ("done", "diverged"):
@@ -147,47 +179,65 @@ def _html_table(records: list[dict], columns: list[str]) -> str:
 
 
 def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = None) -> Path:
-    """One self-contained HTML file: config, grouped results, per-run table, comparison, curves
-    (PNG figures embedded as data URIs, no external files or scripts)."""
+    """One self-contained HTML file: config(s), grouped results, per-run table, comparison, curves
+    (PNG figures embedded as data URIs, no external files or scripts).
+
+    When the sweep holds different experiments (its config changed under the same name, so runs
+    differ in more than the compared setting and the seed), every config version is shown and
+    the effect of ``by`` is tested separately within each experiment.
+    """
     cfg = store.sweep_config(sweep)
+    versions = store.sweep_versions(sweep)
     flat = rows(store.runs(sweep))
-    varying = [k for k in varying_settings(flat) if k != "seed"]
-    by = by or (varying[0] if varying else None)
+    finished = [r for r in flat if r["status"] in ("done", "diverged")]
+    varied = list(varying(finished))
+    gridded = [k for k in cfg.get("grid", {}) if k in varied]
+    by = by or (gridded or varied or [None])[0]
     parts = [f"<h1>bnlab sweep: {html.escape(sweep)}</h1>",
-             f"<p>{html.escape(cfg.get('description') or '')}</p>",
-             f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>"]
+             f"<p>{html.escape(cfg.get('description') or '')}</p>"]
+    if len(versions) > 1:
+        parts.append(f"<p><b>This sweep was run with {len(versions)} configs</b>; runs of different configs are "
+                     "different experiments and are never pooled:</p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in config_changes(versions)) + "</ul>")
+        for v in versions:
+            parts.append(f"<h3>config version {v['version']} ({len(v['run_ids'])} runs)</h3>"
+                         f"<pre>{html.escape(json.dumps(v['config'], indent=2))}</pre>")
+    else:
+        parts.append(f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>")
     claim = cfg.get("claim") or {}
     if claim.get("text"):
         parts.append(f"<p><b>Tutorial claim:</b> {html.escape(claim['text'])}</p>")
-    if varying:
-        grouped = group(flat, varying)
-        cols = varying + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc") for s in ("mean", "std", "ci95")]
+    if varied:
+        grouped = group(flat, varied)
+        cols = varied + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc") for s in ("mean", "std", "ci95")]
         parts += ["<h2>Mean over seeds</h2>", _html_table(grouped, cols)]
     if by:
         # held-out accuracy always; the claim's own metric too when it is another one
-        for metric in dict.fromkeys([claim.get("metric", "test_acc"), "test_acc"]):
-            try:
-                c = compare(flat, by, metric)
-                parts += [f"<h2>Effect of {html.escape(by)} on {html.escape(metric)}</h2>",
-                          f"<pre>{html.escape(format_compare(c))}</pre>"]
-            except ConfigError as e:
-                parts.append(f"<p>No comparison on {html.escape(metric)}: {html.escape(str(e))}</p>")
+        for fixed, part in strata(flat, by):
+            where = ", ".join(f"{k}={v}" for k, v in fixed.items())
+            for metric in dict.fromkeys([claim.get("metric", "test_acc"), "test_acc"]):
+                title = f"Effect of {by} on {metric}" + (f" (runs with {where})" if where else "")
+                try:
+                    c = compare(part, by, metric)
+                    parts += [f"<h2>{html.escape(title)}</h2>", f"<pre>{html.escape(format_compare(c))}</pre>"]
+                except ConfigError as e:
+                    parts.append(f"<p>{html.escape(title)}: no comparison: {html.escape(str(e))}</p>")
     with tempfile.TemporaryDirectory() as tmp:
         for metric in ("test_acc", "train_acc", "test_loss"):
             try:
-                png = plot_sweep(store, sweep, Path(tmp) / f"{metric}.png", metric, varying)
+                png = plot_sweep(store, sweep, Path(tmp) / f"{metric}.png", metric, varied)
                 parts += [f"<h2>{metric}</h2>", _img(png)]
             except ConfigError:
                 break
-    cols = ["run_id", "status"] + varying + ["seed", "epochs_done", "train_acc", "test_acc", "test_loss", "seconds"]
+    cols = ["run_id", "status"] + varied + ["seed", "epochs_done", "train_acc", "test_acc", "test_loss", "seconds"]
     parts += ["<h2>Runs</h2>", _html_table([{**r, "run_id": r["run_id"][:8]} for r in flat], cols)]
     doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>bnlab: " + html.escape(sweep) + "</title>"
            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px}"
            "img{max-width:100%}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    from bnlab._files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
     return path

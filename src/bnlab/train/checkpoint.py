@@ -7,9 +7,7 @@ state_dict, standardization, class names, settings, history), so it loads with
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnlab._files import atomic_path
 from bnlab.data import Standardizer
-from bnlab.errors import CheckpointError
+from bnlab.errors import BnlabError, CheckpointError
 
 FORMAT = "bnlab-checkpoint"
 VERSION = 1
@@ -46,7 +45,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
                     extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT, "version": VERSION, "spec": spec, "build": build,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -54,38 +52,78 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
         "settings": settings or {}, "history": history or {}, "extra": extra or {},
         "torch_version": str(torch.__version__),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Rebuild the network of a checkpoint in eval mode."""
-    from bnlab.models import build_from_spec  # models sit below train; imported here to keep startup light
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: write one with 'bnlab train --checkpoint PATH'")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({msg[:200]})") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path} was refused: it holds pickled Python objects (code), which bnlab never loads (it reads "
+                "checkpoints with torch.load(weights_only=True)); bnlab checkpoints hold only tensors and plain "
+                "values: re-save the model with 'bnlab train --checkpoint' or bnlab.train.save_checkpoint") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bnlab checkpoint (made by 'bnlab train --checkpoint')")
     if d.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer bnlab (format version {d['version']}); upgrade bnlab")
-    model = build_from_spec(d["spec"], **d["build"])
-    try:
-        model.load_state_dict(d["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its network spec ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("spec", "build", "state_dict", "standardizer", "classes") if k not in d]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete bnlab checkpoint (missing {', '.join(missing)}): train it again")
+    model = _rebuild(path, d["spec"], d["build"], d["state_dict"])
     model.eval()
-    return Checkpoint(model, d["spec"], d["build"], Standardizer.from_dict(d["standardizer"]), d["classes"],
+    try:
+        standardizer = Standardizer.from_dict(d["standardizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its standardization record is damaged ({_first_line(e)})") from None
+    return Checkpoint(model, d["spec"], d["build"], standardizer, list(d["classes"]),
                       d.get("settings", {}), d.get("history", {}), str(path), d.get("extra") or {})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _rebuild(path: Path, spec: dict, build: dict, state_dict: dict) -> nn.Module:
+    """The checkpoint's network with its weights, checked before anything real is allocated.
+
+    The spec is built first on the ``meta`` device (shapes only, no memory), and every parameter
+    and buffer shape is compared with the stored tensors: a spec that disagrees with its own
+    weights (or asks for absurd sizes) is refused before it could cost memory. Only then is the
+    network built for real, so its size is bounded by the weights actually in the file.
+    """
+    from bnlab.models import build_from_spec  # models sit below train; imported here to keep startup light
+
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: its weights are not a state dict of tensors")
+    try:
+        with torch.device("meta"):
+            skeleton = build_from_spec(spec, **build)
+    except BnlabError as e:
+        raise CheckpointError(f"{path}: its network spec is invalid ({e})") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: its network spec cannot be built ({_first_line(e)})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected != stored:
+        wrong = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(sorted(expected.keys() - stored.keys())[:3])}" if expected.keys() - stored.keys() else "",
+            f"unexpected {', '.join(sorted(stored.keys() - expected.keys())[:3])}" if stored.keys() - expected.keys() else "",
+            ", ".join(f"{k} is {stored[k]} but the spec needs {expected[k]}" for k in wrong[:3])]))
+        raise CheckpointError(f"{path}: weights do not match its network spec ({detail}); the file is damaged or "
+                              "was edited: train it again")
+    model = build_from_spec(spec, **build)
+    model.load_state_dict(state_dict)
+    return model

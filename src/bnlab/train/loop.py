@@ -119,12 +119,15 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     history = History()
     state = TrainState(model, opt, history)
-    callbacks = list(callbacks)
-    for cb in callbacks:
-        cb.on_train_begin(state)
     # A last batch of one example cannot be batch-normalized; drop it (it changes nothing else).
     drop_last = len(train) % batch_size == 1
     n_batches = train.num_batches(batch_size, drop_last)
+    if n_batches == 0:
+        raise ConfigError(f"{len(train)} training example(s) with batch size {batch_size} give no training step "
+                          "(batch norm cannot use a batch of one): use more training data (--train-limit)")
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        cb.on_train_begin(state)
     scheduler = make_schedule(schedule, opt, lr, n_batches * epochs)
     for epoch in range(1, epochs + 1):
         state.epoch = epoch

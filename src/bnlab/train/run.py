@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import torch
 from torch import nn
 
 from bnlab import data as bdata
+from bnlab._files import check_writable, rescue_dir
+from bnlab.errors import CheckpointError
 from bnlab import models
 from bnlab.train.augment import Augment
 from bnlab.train.callbacks import EarlyStopping
@@ -56,6 +60,8 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
     """Run the settings end to end. ``datasets=(train, test)`` skips loading (sweeps reuse data);
     ``checkpoint_extra`` (plain values) is saved in the checkpoint under ``extra``."""
     s = settings.validate()
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")  # now, not after an hour of training
     train_ds, test_ds = datasets if datasets is not None else load_data(s)
     model, spec, build = build_model(s, train_ds.input_shape, train_ds.num_classes)
     cbs = list(callbacks)
@@ -66,7 +72,23 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
                   augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, on_epoch=on_epoch,
                   schedule=s.schedule)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
+        _save_or_rescue(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
                         classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict(),
                         extra=checkpoint_extra)
     return RunResult(model, history, s, spec, build, train_ds, test_ds)
+
+
+def _save_or_rescue(path, model, **contents) -> None:
+    """Write the checkpoint; if that fails after all (disk full, folder removed), the trained
+    weights are written to :func:`bnlab._files.rescue_dir` instead and the error says where."""
+    try:
+        save_checkpoint(path, model, **contents)
+    except OSError as e:
+        rescued = rescue_dir() / f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.pt"
+        try:
+            save_checkpoint(rescued, model, **contents)
+        except OSError as e2:
+            raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}) nor a rescue copy "
+                                  f"{rescued} ({e2.strerror or e2}): the trained weights are lost") from None
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); the trained network was "
+                              f"saved to {rescued} instead: move it where you want it") from None

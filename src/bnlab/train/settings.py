@@ -1,8 +1,16 @@
-"""Training settings: one validated record of everything that defines a run."""
+"""Training settings: one validated record of everything that defines a run.
+
+Each setting is declared once, below, with its type, default, one line of help and (where it
+has them) its choices or bounds. Validation, the ``bnlab train`` / ``bnlab sweep`` options and
+sweep configs are all derived from this one list, so they cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 
 from bnlab.data import STANDARDIZE_MODES
@@ -13,79 +21,99 @@ from bnlab.train.loop import SCHEDULES
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 
 
+def setting(default, help: str, *, choices=None, minimum=None, below=None, flag: str | None = None,
+            metavar: str | None = None):
+    """A documented setting. ``minimum`` is inclusive, ``below`` exclusive; ``flag`` overrides the
+    CLI option name (default ``--`` + the name with dashes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "below": below,
+                                            "flag": flag, "metavar": metavar})
+
+
+def suggest(value, options) -> str:
+    """``"; did you mean 'x'?"`` for a near miss among ``options``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
 
 @dataclass
 class TrainSettings:
-    """Everything a training run depends on. ``validate()`` refuses bad values with a clear error."""
+    """Everything a training run depends on. ``validate()`` refuses bad values with a clear error.
 
-    dataset: str = "fashion-mnist"
-    model: str = "deeplizard-cnn"
-    bn: str = "none"
-    bn_impl: str = "bnlab"
-    norm: str = "batch"
-    virtual_batch_size: int = 32
-    activation: str | None = None
-    dropout: float | None = None
-    optimizer: str = "adam"
-    lr: float = 0.01
-    schedule: str = "constant"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 1000
-    epochs: int = 1
-    seed: int = 0
-    standardize: str = "zscore"
-    augment: bool = False
-    data_dir: str | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    image_size: int | None = None
-    channels: int | None = None
-    early_stopping: int | None = None
-    track_activations: bool = False
-    track_every: int = 100
-    track_test_acc: bool = False
-    extra: dict = field(default_factory=dict)
+    Example::
+
+        s = TrainSettings(dataset="digits", model="keras-mlp", bn="after", epochs=2).validate()
+    """
+
+    dataset: str = setting("fashion-mnist", "dataset name (see 'bnlab data list')")
+    model: str = setting("deeplizard-cnn", "zoo name (see 'bnlab models list') or a spec .toml file")
+    bn: str = setting("none", "where BN goes: none, before/after every activation, or the tutorial's own placement",
+                      choices=BN_PLACEMENTS)
+    bn_impl: str = setting("bnlab", "bnlab's BN layers or torch's", choices=BN_IMPLS)
+    norm: str = setting("batch", "the normalizer at each BN place: batch norm, batch renorm or ghost batch norm",
+                        choices=NORMS)
+    virtual_batch_size: int = setting(32, "ghost BN's virtual batch size", minimum=2)
+    activation: str | None = setting(None, "override the network's activation", choices=tuple(ACTIVATIONS))
+    dropout: float | None = setting(None, "override the probability of the network's dropout layers",
+                                    minimum=0.0, below=1.0)
+    optimizer: str = setting("adam", "the optimizer", choices=OPTIMIZERS)
+    lr: float = setting(0.01, "learning rate (the peak of the schedule)", below=math.inf)
+    schedule: str = setting("constant", "learning-rate schedule per step", choices=SCHEDULES)
+    momentum: float = setting(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
+    weight_decay: float = setting(0.0, "L2 weight decay (adamw: decoupled; 0 means adamw's 0.01)", minimum=0.0)
+    batch_size: int = setting(1000, "examples per training step", minimum=1)
+    epochs: int = setting(1, "passes over the training data", minimum=1)
+    seed: int = setting(0, "seeds initialization, shuffling, augmentation and dropout", minimum=0)
+    standardize: str = setting("zscore", "input standardization, statistics from the train split",
+                               choices=STANDARDIZE_MODES)
+    augment: bool = setting(False, "random flips and 2-pixel shifts of training images")
+    data_dir: str | None = setting(None, "directory holding the dataset's files (searched first)")
+    train_limit: int | None = setting(None, "use only the first N training examples", minimum=2, metavar="N")
+    test_limit: int | None = setting(None, "use only the first N test examples", minimum=1, metavar="N")
+    image_size: int | None = setting(None, "image-folder: resize images to this square size (default 32)",
+                                     minimum=1)
+    channels: int | None = setting(None, "image-folder: 1 = grayscale, 3 = RGB (default 3)", choices=(1, 3))
+    early_stopping: int | None = setting(None, "stop when the test loss has not improved for this many epochs",
+                                         minimum=1, metavar="PATIENCE")
+    track_activations: bool = setting(False, "record the input percentiles of every nonlinearity during training")
+    track_every: int = setting(100, "with --track-activations: a snapshot every K steps", minimum=1, flag="--every",
+                               metavar="K")
+    track_test_acc: bool = setting(False, "with --track-activations: also the test accuracy at every snapshot")
+    extra: dict = field(default_factory=dict, metadata={"help": None})
 
     def validate(self) -> "TrainSettings":
+        """Check every value's type, choices and bounds (numbers as numbers: ``"0.1"`` is refused)."""
         from bnlab.data import SOURCES
 
-        def choice(name, value, options):
-            if value not in options:
-                raise ConfigError(f"{name}={value!r} is not valid: choose one of {', '.join(options)}")
-
+        for f in settings_fields():
+            value = getattr(self, f.name)
+            kind, optional = setting_type(f)
+            if value is None and optional:
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # lr = 1 in TOML is an int; it is the same run as lr = 1.0
+                setattr(self, f.name, value)
+            if not _is(value, kind):
+                raise ConfigError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+            m = f.metadata
+            if m["choices"] is not None and value not in m["choices"]:
+                raise ConfigError(f"{f.name}={value!r} is not valid: choose one of "
+                                  f"{', '.join(map(str, m['choices']))}{suggest(value, m['choices'])}")
+            if m["minimum"] is not None and value < m["minimum"]:
+                raise ConfigError(f"{f.name} must be at least {m['minimum']}, got {value!r}")
+            if m["below"] is not None and not value < m["below"]:
+                raise ConfigError(f"{f.name} must be below {m['below']}, got {value!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.dataset not in SOURCES:
-            raise ConfigError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(SOURCES)}")
-        choice("bn", self.bn, BN_PLACEMENTS)
-        choice("bn_impl", self.bn_impl, BN_IMPLS)
-        choice("norm", self.norm, NORMS)
-        choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("schedule", self.schedule, SCHEDULES)
-        choice("standardize", self.standardize, STANDARDIZE_MODES)
-        if self.activation is not None:
-            choice("activation", self.activation, tuple(ACTIVATIONS))
-        for name in ("lr",):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("train_limit", "test_limit", "early_stopping"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
-        if not isinstance(self.track_every, int) or self.track_every < 1:
-            raise ConfigError(f"track_every must be a positive integer, got {self.track_every!r}")
-        if self.virtual_batch_size < 2:
-            raise ConfigError(f"virtual_batch_size must be at least 2, got {self.virtual_batch_size}")
+            raise ConfigError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(SOURCES)}"
+                              f"{suggest(self.dataset, SOURCES)}")
+        if self.bn != "none" and self.batch_size < 2:
+            raise ConfigError(f"batch_size={self.batch_size} with bn={self.bn}: batch norm needs at least 2 values "
+                              "per channel in every training batch: use a batch size of 2 or more (or bn=none)")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
         return self
 
     def to_dict(self) -> dict:
@@ -95,8 +123,32 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = set(d) - names
+        names = [f.name for f in settings_fields()]
+        unknown = set(d) - set(names)
         if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+            hints = "".join(suggest(k, names) for k in sorted(unknown))
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}{hints} (known: {', '.join(names)})")
         return cls(**d)
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def settings_fields() -> list[dataclasses.Field]:
+    """The declared settings of :class:`TrainSettings`, in order (``extra`` is not a setting)."""
+    return [f for f in dataclasses.fields(TrainSettings) if f.name != "extra"]
+
+
+def setting_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """``(int|float|str|bool, optional)`` of a setting, from its annotation."""
+    hint = typing.get_type_hints(TrainSettings)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint), bool(typing.get_args(hint))
