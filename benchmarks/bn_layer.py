@@ -50,15 +50,12 @@ def eval_step(module, x):
 
 def with_backend(name, fn):
     def run():
-        old = os.environ.get("BNLAB_BN_BACKEND")
-        os.environ["BNLAB_BN_BACKEND"] = name
+        old = _backend.get_backend().name
+        bnn.set_backend(name)
         try:
             fn()
         finally:
-            if old is None:
-                del os.environ["BNLAB_BN_BACKEND"]
-            else:
-                os.environ["BNLAB_BN_BACKEND"] = old
+            bnn.set_backend(old)
     return run
 
 

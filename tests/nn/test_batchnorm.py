@@ -14,9 +14,11 @@ BACKENDS = ["cpp", "eager"]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("BNLAB_BN_BACKEND", request.param)
-    return request.param
+def backend(request):
+    before = bnn.backend_name()
+    assert bnn.set_backend(request.param).name == request.param
+    yield request.param
+    bnn.set_backend(before)
 
 
 PAIRS = {1: (bnn.BatchNorm1d, nn.BatchNorm1d), 2: (bnn.BatchNorm2d, nn.BatchNorm2d), 3: (bnn.BatchNorm3d, nn.BatchNorm3d)}
@@ -194,9 +196,31 @@ def test_non_contiguous_input(backend):
     torch.testing.assert_close(bnn.BatchNorm2d(3)(x), nn.BatchNorm2d(3)(x))
 
 
-def test_backend_env_is_validated(monkeypatch):
+def test_backend_is_chosen_once_and_validated(monkeypatch):
     from bnlab.errors import ConfigError
+    from bnlab.nn import _backend
 
+    with pytest.raises(ConfigError, match="BN backend 'fast' does not exist"):
+        bnn.set_backend("fast")
+    monkeypatch.setattr(_backend, "_chosen", None)
+    monkeypatch.setenv("BNLAB_BN_BACKEND", "eager")
+    assert bnn.backend_name() == "eager"
+    monkeypatch.setenv("BNLAB_BN_BACKEND", "cpp")  # read once: a later change does not switch mid-run
+    assert bnn.backend_name() == "eager"
+    monkeypatch.setattr(_backend, "_chosen", None)
     monkeypatch.setenv("BNLAB_BN_BACKEND", "fast")
-    with pytest.raises(ConfigError, match="BNLAB_BN_BACKEND='fast'"):
+    with pytest.raises(ConfigError, match="BN backend 'fast'"):
         bnn.BatchNorm1d(2)(torch.randn(3, 2))
+    monkeypatch.setattr(_backend, "_chosen", None)
+    monkeypatch.delenv("BNLAB_BN_BACKEND")
+    assert bnn.backend_name() == "cpp"
+
+
+def test_batch_statistics_are_outputs_of_the_step(backend):
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    y, mean, var = F.batch_norm_stats(x, None, None, torch.ones(3, requires_grad=True), torch.zeros(3), 0.1, 1e-5)
+    torch.testing.assert_close(mean, x.detach().mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.detach().var((0, 2, 3), unbiased=False))
+    assert not mean.requires_grad and not var.requires_grad and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None

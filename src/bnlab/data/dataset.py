@@ -131,7 +131,7 @@ def index_batches(
         yield order[start:end] if order is not None else slice(start, end)
 
 
-@dataclass
+@dataclass(repr=False)
 class Dataset:
     """One split of a dataset, held in memory.
 
@@ -153,6 +153,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, {self.split}, {len(self)} examples of {tuple(self.input_shape)} "
+                f"{str(self.x.dtype).replace('torch.', '')}, {self.num_classes} classes, "
+                f"standardize={self.standardizer.mode})")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -1,14 +1,18 @@
 """Where the batch-norm arithmetic runs: fused C++ kernels, or plain PyTorch ops.
 
-Both backends compute the same four things (see ``functional.py`` for the math):
-``forward_train``, ``backward_train``, ``forward_eval`` and ``backward_eval``.
+Both backends offer the same interface (see ``functional.py`` for the math): the four kernels
+``forward_train``, ``backward_train``, ``forward_eval`` and ``backward_eval``, and the two
+differentiable steps built on them, ``train`` (returns the output and the batch mean and biased
+variance) and ``eval``. Callers never ask which backend they hold.
 
 - ``cpp``: ``csrc/batchnorm.cpp``, compiled on first use with ``torch.utils.cpp_extension``
   (gcc + ninja) into ``~/.cache/bnlab/torch_extensions``; float32/float64 on CPU.
 - ``eager``: the same formulas in PyTorch ops; any dtype and device, ~3x slower on CPU.
 
-``BNLAB_BN_BACKEND=auto|cpp|eager`` chooses (default ``auto``: ``cpp`` when it builds, else
-``eager`` with one warning).
+The backend is chosen once, on first use, from ``BNLAB_BN_BACKEND=auto|cpp|eager`` (default
+``auto``: ``cpp`` when it builds, else ``eager`` with one warning), or explicitly with
+:func:`set_backend`. Inputs the compiled kernels do not handle (other dtypes, non-CPU devices)
+use ``eager`` whatever the choice.
 """
 
 from __future__ import annotations
@@ -51,10 +55,34 @@ def unbiased(var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return var * (m / (m - 1))
 
 
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class EagerBackend:
-    """The formulas in PyTorch ops (reference and fallback)."""
+    """The formulas in PyTorch ops (reference and fallback); any dtype and device."""
 
     name = "eager"
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return True
+
+    def train(self, x, weight, bias, running_mean, running_var, momentum, eps):
+        """Alg. 1, differentiable: ``(y, batch mean, biased batch variance)``; running stats updated."""
+        if _needs_graph(x, weight, bias):
+            from bnlab.nn.functional import BatchNormTrain
+
+            return BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, self)
+        return self.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)[:3]
+
+    def eval(self, x, running_mean, running_var, weight, bias, eps):
+        """Alg. 2, differentiable."""
+        if _needs_graph(x, weight, bias):
+            from bnlab.nn.functional import BatchNormEval
+
+            return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, self)
+        return self.forward_eval(x, running_mean, running_var, weight, bias, eps)
 
     @staticmethod
     def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -99,13 +127,26 @@ class EagerBackend:
 
 
 class CppBackend:
-    """Fused single-pass kernels from ``csrc/batchnorm.cpp``."""
+    """Fused single-pass kernels from ``csrc/batchnorm.cpp``; float32/float64 on CPU."""
 
     name = "cpp"
     DTYPES = (torch.float32, torch.float64)
 
     def __init__(self, module):
         self.m = module
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return x.dtype in self.DTYPES and x.device.type == "cpu"
+
+    # train/eval run the C++ twins of functional.BatchNormTrain / BatchNormEval (same math, no
+    # Python per call) when a graph is needed, else the plain kernels.
+    def train(self, x, weight, bias, running_mean, running_var, momentum, eps):
+        kernel = self.m.train_autograd if _needs_graph(x, weight, bias) else self.m.forward_train
+        return self._with_running(kernel, x, weight, bias, running_mean, running_var, momentum, eps)[:3]
+
+    def eval(self, x, running_mean, running_var, weight, bias, eps):
+        kernel = self.m.eval_autograd if _needs_graph(x, weight, bias) else self.m.forward_eval
+        return kernel(x, running_mean, running_var, weight, bias, eps)
 
     @staticmethod
     def _with_running(kernel, x, weight, bias, running_mean, running_var, momentum, eps):
@@ -128,13 +169,6 @@ class CppBackend:
 
     def backward_eval(self, dy, x, weight, running_mean, running_var, eps, need_dx):
         return tuple(self.m.backward_eval(dy, x, weight, running_mean, running_var, eps, need_dx))
-
-    # The C++ twins of functional.BatchNormTrain / BatchNormEval (same math, no Python per call).
-    def train_autograd(self, x, weight, bias, running_mean, running_var, momentum, eps):
-        return self._with_running(self.m.train_autograd, x, weight, bias, running_mean, running_var, momentum, eps)
-
-    def eval_autograd(self, x, running_mean, running_var, weight, bias, eps):
-        return self.m.eval_autograd(x, running_mean, running_var, weight, bias, eps)
 
 
 def _build_key() -> str:
@@ -189,29 +223,38 @@ def cpp_backend() -> CppBackend | None:
     return _cpp
 
 
-_warned = False
+EAGER = EagerBackend()
+_chosen: "EagerBackend | CppBackend | None" = None
+CHOICES = ("auto", "cpp", "eager")
 
 
-def get_backend(x: torch.Tensor | None = None):
-    """The backend for input ``x`` according to ``BNLAB_BN_BACKEND``."""
-    global _warned
-    choice = os.environ.get("BNLAB_BN_BACKEND", "auto")
+def set_backend(choice: str = "auto"):
+    """Choose where BN runs from now on: ``auto`` (compiled kernels if they build), ``cpp`` (an
+    error if they cannot be built) or ``eager`` (PyTorch ops). Returns the backend in effect."""
+    global _chosen
+    if choice not in CHOICES:
+        raise ConfigError(f"BN backend {choice!r} does not exist: use auto, cpp or eager "
+                          "(BNLAB_BN_BACKEND or bnlab.nn.set_backend)")
     if choice == "eager":
-        return EagerBackend
-    if choice not in ("auto", "cpp"):
-        raise ConfigError(f"BNLAB_BN_BACKEND={choice!r} is not a backend: use auto, cpp or eager")
+        _chosen = EAGER
+        return _chosen
     cpp = cpp_backend()
     if cpp is None:
         if choice == "cpp":
-            raise ConfigError(f"BNLAB_BN_BACKEND=cpp but the C++ kernels could not be built ({_cpp_error}); "
-                              "install gcc and ninja, or set BNLAB_BN_BACKEND=eager")
-        if not _warned:
-            warnings.warn(f"could not build bnlab's fused BN kernels ({_cpp_error}); using the slower PyTorch-ops path")
-            _warned = True
-        return EagerBackend
-    if x is not None and (x.dtype not in CppBackend.DTYPES or x.device.type != "cpu"):
-        return EagerBackend
-    return cpp
+            raise ConfigError(f"BN backend cpp was asked for but the C++ kernels could not be built ({_cpp_error}); "
+                              "install gcc and ninja, or use BNLAB_BN_BACKEND=eager")
+        warnings.warn(f"could not build bnlab's fused BN kernels ({_cpp_error}); using the slower PyTorch-ops path")
+        _chosen = EAGER
+    else:
+        _chosen = cpp
+    return _chosen
+
+
+def get_backend(x: torch.Tensor | None = None):
+    """The backend for input ``x``: the chosen one (see :func:`set_backend`; on first use, from
+    ``BNLAB_BN_BACKEND``) if it handles ``x``, else the eager one."""
+    backend = _chosen or set_backend(os.environ.get("BNLAB_BN_BACKEND", "auto"))
+    return backend if x is None or backend.supports(x) else EAGER
 
 
 def backend_name() -> str:

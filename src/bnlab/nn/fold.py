@@ -30,7 +30,7 @@ _TRANSPARENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDr
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-@dataclass
+@dataclass(repr=False)
 class FoldReport:
     """What ``fold_batchnorm`` did: ``folded`` rows (bn, into, side) and ``left`` rows (bn, reason)."""
 
@@ -45,6 +45,10 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         return {"folded": self.folded, "left": self.left}
+
+    def __repr__(self) -> str:
+        left = f": {', '.join(r['bn'] for r in self.left[:3])}{', ...' if len(self.left) > 3 else ''}" if self.left else ""
+        return f"FoldReport(folded {len(self.folded)}, left {len(self.left)}{left})"
 
 
 def _flatten(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

@@ -35,25 +35,24 @@ from bnlab.nn._backend import get_backend
 
 
 class BatchNormTrain(torch.autograd.Function):
-    """Alg. 1 with batch statistics. Running averages passed in are updated in place; when
-    ``stats_out`` is a list, the batch mean and biased variance are appended to it."""
+    """Alg. 1 with batch statistics: returns ``(y, batch mean, biased batch variance)``; the
+    statistics are outputs without gradient. Running averages passed in are updated in place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend, stats_out):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, backend):
         y, mean, var, invstd = backend.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.backend = backend
-        if stats_out is not None:
-            stats_out.append((mean, var))
-        return y
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dmean, _dvar):
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx, dgamma, dbeta = ctx.backend.backward_train(dy, x, weight, mean, invstd, need_x)
-        return dx, dgamma if need_w else None, dbeta if need_b else None, None, None, None, None, None, None
+        return dx, dgamma if need_w else None, dbeta if need_b else None, None, None, None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -74,10 +73,6 @@ class BatchNormEval(torch.autograd.Function):
         return dx, None, None, dgamma if need_w else None, dbeta if need_b else None, None, None
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def verify_batch_size(size: torch.Size) -> None:
     """Batch statistics need more than one value per channel (as torch checks)."""
     values = size[0]
@@ -90,15 +85,7 @@ def verify_batch_size(size: torch.Size) -> None:
 def batch_norm_stats(input, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5):
     """Training-mode batch norm returning ``(y, batch_mean, batch_var)`` (biased variance)."""
     verify_batch_size(input.size())
-    backend = get_backend(input)
-    if _needs_graph(input, weight, bias):
-        if backend.name == "cpp":
-            return backend.train_autograd(input, weight, bias, running_mean, running_var, momentum, eps)
-        stats = []
-        y = BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, backend, stats)
-        return y, stats[0][0], stats[0][1]
-    y, mean, var, _ = backend.forward_train(input, weight, bias, running_mean, running_var, momentum, eps)
-    return y, mean, var
+    return get_backend(input).train(input, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -111,9 +98,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return batch_norm_stats(input, running_mean, running_var, weight, bias, momentum, eps)[0]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    backend = get_backend(input)
-    if _needs_graph(input, weight, bias):
-        if backend.name == "cpp":
-            return backend.eval_autograd(input, running_mean, running_var, weight, bias, eps)
-        return BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps, backend)
-    return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
+    return get_backend(input).eval(input, running_mean, running_var, weight, bias, eps)

@@ -1,15 +1,45 @@
-"""Figures written as PNG files (matplotlib, Agg backend: no screen needed)."""
+"""Figures written as PNG files.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: no
+screen is needed and importing bnlab does not switch the backend of a notebook that uses
+matplotlib itself.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+# metric names in the user's words, for axes and titles
+METRIC_NAMES = {"test_acc": "test accuracy", "train_acc": "training accuracy", "test_loss": "test loss",
+                "train_loss": "training loss", "seconds": "seconds per epoch", "test_error": "test error"}
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric.replace("summary.", "").replace("_", " "))
+
+
+def run_title(settings: dict) -> str:
+    """``model, bn=..., norm=...`` of a run's settings, for figure titles."""
+    parts = [settings.get("model", "?"), f"bn={settings.get('bn', '?')}"]
+    if settings.get("bn", "none") != "none" and settings.get("norm", "batch") != "batch":
+        parts.append(f"norm={settings['norm']}")
+    return ", ".join(parts)
+
+
+def _figure(rows: int = 1, cols: int = 1, figsize=(6.4, 4.2)):
+    """A figure and its axes (a 2-D array), without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _outside_legend(ax, **kw) -> None:
+    """A legend to the right of the axes, where it cannot cover the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=kw.pop("fontsize", 8), loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
 
 
 def sample_grid(dataset, path: str | Path, n: int = 36, seed: int = 0, cols: int | None = None) -> Path:
@@ -23,7 +53,7 @@ def sample_grid(dataset, path: str | Path, n: int = 36, seed: int = 0, cols: int
     idx = torch.randperm(len(dataset), generator=g)[:n]
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.45), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(cols * 1.3, rows * 1.45))
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx.tolist()):
@@ -39,21 +69,18 @@ def sample_grid(dataset, path: str | Path, n: int = 36, seed: int = 0, cols: int
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Save a figure atomically (temporary file, then rename) and close it."""
+    """Save a figure atomically (temporary file, then rename) in the format its suffix names."""
     from bnlab._files import atomic_path
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    try:
-        supported = fig.canvas.get_supported_filetypes()
-        if fmt not in supported:
-            from bnlab.errors import ConfigError
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        from bnlab.errors import ConfigError
 
-            raise ConfigError(f"cannot write a figure as {path}: use one of .{', .'.join(sorted(supported))}")
-        with atomic_path(path, suffix="." + fmt) as tmp:
-            fig.savefig(tmp, dpi=110, format=fmt)
-    finally:
-        plt.close(fig)
+        raise ConfigError(f"cannot write a figure as {path}: use one of .{', .'.join(sorted(supported))}")
+    with atomic_path(path, suffix="." + fmt) as tmp:
+        fig.savefig(tmp, dpi=110, format=fmt)
     return path
 
 
@@ -63,7 +90,8 @@ def confusion_matrix(cm, classes, path: str | Path, title: str = "") -> Path:
 
     cm = np.asarray(cm)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    fig, axes = _figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    ax = axes[0, 0]
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
@@ -87,7 +115,8 @@ def learning_curves(series: dict, path: str | Path, metric: str = "test_acc", ti
     """
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = _figure(figsize=(7.6, 4.2))
+    ax = axes[0, 0]
     for label, curves in series.items():
         curves = [c for c in curves if c]
         if not curves:
@@ -106,10 +135,10 @@ def learning_curves(series: dict, path: str | Path, metric: str = "test_acc", ti
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel or metric)
+    ax.set_ylabel(ylabel or metric_name(metric))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or metric, fontsize=10)
+    _outside_legend(ax)
+    ax.set_title(title or metric_name(metric), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -142,7 +171,7 @@ def _draw_percentiles(ax, records, layer, title):
     ax.set_ylabel("input value")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _outside_legend(ax, fontsize=7)
 
 
 def activation_percentiles(records: list[dict], path: str | Path, layer: str | None = None, title: str = "") -> Path:
@@ -157,7 +186,7 @@ def activation_percentiles(records: list[dict], path: str | Path, layer: str | N
         if not match:
             raise ConfigError(f"no tracked layer {layer!r}; tracked: {', '.join(layers)}")
         layers = match
-    fig, axes = plt.subplots(len(layers), 1, figsize=(6.4, 2.6 * len(layers)), squeeze=False)
+    fig, axes = _figure(len(layers), 1, figsize=(7.6, 2.6 * len(layers)))
     for ax, name in zip(axes[:, 0], layers):
         _draw_percentiles(ax, records, name, f"input of {name}")
     if title:
@@ -172,14 +201,15 @@ def ics_figure(acc_series: dict, without_bn: list[dict], with_bn: list[dict], pa
 
     ``acc_series`` maps a label to [(step, test_acc)], averaged over seeds by the caller.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = _figure(1, 3, figsize=(16, 3.8))
+    axes = axes[0]
     for label, pts in acc_series.items():
         axes[0].plot([s for s, _ in pts], [a for _, a in pts], label=label)
     axes[0].set_xlabel("training step")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_title("(a) test accuracy", fontsize=9)
     axes[0].grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
     for ax, recs, name in ((axes[1], without_bn, "(b) without BN"), (axes[2], with_bn, "(c) with BN")):
         layer = last_nonlinearity(recs)
         _draw_percentiles(ax, recs, layer, f"{name}: input of {layer}")

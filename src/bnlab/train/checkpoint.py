@@ -23,7 +23,7 @@ FORMAT = "bnlab-checkpoint"
 VERSION = 1
 
 
-@dataclass
+@dataclass(repr=False)
 class Checkpoint:
     model: nn.Module
     spec: dict
@@ -39,12 +39,27 @@ class Checkpoint:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.build["input_shape"])
 
+    def __repr__(self) -> str:
+        h = self.history or {}
+        last = (h.get("epochs") or [{}])[-1]
+        acc = f", test_acc {last['test_acc']:.4f}" if last.get("test_acc") is not None else ""
+        folded = ", BN folded" if self.build.get("folded") else ""
+        return (f"Checkpoint({self.path or 'unsaved'!r}: {self.spec.get('name', '?')} bn={self.build.get('bn')}"
+                f"{folded}, input {self.input_shape}, {len(self.classes)} classes, "
+                f"{len(h.get('epochs') or [])} epoch(s){acc})")
+
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: dict, standardizer: Standardizer,
                     classes: list[str], settings: dict | None = None, history: dict | None = None,
                     extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file in the same directory, then rename)."""
+    """Write a checkpoint atomically (temporary file in the same directory, then rename).
+
+    ``model`` is the network ``spec``/``build`` describe, or its folded copy from
+    :func:`bnlab.nn.fold_batchnorm` (recognized by its weights and recorded as ``folded``, so
+    :func:`load_checkpoint` rebuilds the folded network).
+    """
     path = Path(path)
+    build = dict(build, folded=_is_folded(model, spec, build))
     payload = {
         "format": FORMAT, "version": VERSION, "spec": spec, "build": build,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -55,6 +70,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def fold_checkpoint(ck: Checkpoint, output: str | Path):
+    """Fold the BN layers of a loaded checkpoint into their neighbours and save the result (with
+    the same standardization, classes, settings and history) to ``output``; returns the
+    :class:`bnlab.nn.FoldReport`. ``load_checkpoint(output)`` gives the folded network."""
+    from bnlab.nn import fold_batchnorm
+
+    folded, report = fold_batchnorm(ck.model)
+    save_checkpoint(output, folded, spec=ck.spec, build=ck.build, standardizer=ck.standardizer, classes=ck.classes,
+                    settings=ck.settings, history=ck.history, extra={**(ck.extra or {}), "fold": report.to_dict()})
+    return report
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -95,6 +122,29 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
+def _network(spec: dict, build: dict, folded: bool) -> nn.Module:
+    """The network a spec describes (folded with :func:`bnlab.nn.fold_batchnorm` if asked)."""
+    from bnlab.models import build_from_spec  # models sit below train; imported here to keep startup light
+    from bnlab.nn import fold_batchnorm
+
+    model = build_from_spec(spec, **{k: v for k, v in build.items() if k != "folded"})
+    return fold_batchnorm(model)[0] if folded else model
+
+
+def _shapes(model: nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _is_folded(model: nn.Module, spec: dict, build: dict) -> bool:
+    with torch.device("meta"):
+        if _shapes(model) == _shapes(_network(spec, build, False)):
+            return False
+        if _shapes(model) == _shapes(_network(spec, build, True)):
+            return True
+    raise CheckpointError("the model to save is not the network its spec describes (nor that network folded): "
+                          "save the model that was built from this spec")
+
+
 def _rebuild(path: Path, spec: dict, build: dict, state_dict: dict) -> nn.Module:
     """The checkpoint's network with its weights, checked before anything real is allocated.
 
@@ -103,13 +153,14 @@ def _rebuild(path: Path, spec: dict, build: dict, state_dict: dict) -> nn.Module
     weights (or asks for absurd sizes) is refused before it could cost memory. Only then is the
     network built for real, so its size is bounded by the weights actually in the file.
     """
-    from bnlab.models import build_from_spec  # models sit below train; imported here to keep startup light
-
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: its weights are not a state dict of tensors")
+    if not isinstance(spec, dict) or not isinstance(build, dict):
+        raise CheckpointError(f"{path}: its network spec is damaged (spec and build options must be tables)")
+    folded = bool(build.get("folded"))
     try:
         with torch.device("meta"):
-            skeleton = build_from_spec(spec, **build)
+            skeleton = _network(spec, build, folded)
     except BnlabError as e:
         raise CheckpointError(f"{path}: its network spec is invalid ({e})") from None
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, OverflowError) as e:
@@ -124,6 +175,6 @@ def _rebuild(path: Path, spec: dict, build: dict, state_dict: dict) -> nn.Module
             ", ".join(f"{k} is {stored[k]} but the spec needs {expected[k]}" for k in wrong[:3])]))
         raise CheckpointError(f"{path}: weights do not match its network spec ({detail}); the file is damaged or "
                               "was edited: train it again")
-    model = build_from_spec(spec, **build)
+    model = _network(spec, build, folded)
     model.load_state_dict(state_dict)
     return model

@@ -17,20 +17,64 @@ from bnlab.train.augment import Augment
 
 @dataclass
 class History:
-    """What a run produced. ``status`` is ``done`` or ``diverged``; ``epochs`` holds one dict per
-    epoch: ``epoch, train_loss, train_acc, test_loss, test_acc, seconds`` (accuracies in 0..1,
-    train metrics counted during the epoch, as the deeplizard run manager counts them)."""
+    """What a run produced: ``status`` (``done`` or ``diverged``), the number of ``steps``, why it
+    stopped early (``stop_reason``) and one record per epoch: ``epoch, train_loss, train_acc,
+    test_loss, test_acc, seconds`` (accuracies in 0..1, train metrics counted during the epoch,
+    as the deeplizard run manager counts them).
+
+    Records are indexable (``h[-1]`` is the last epoch's dict) and each metric reads as a column
+    (``h.test_acc`` is a list over epochs); ``h.to_frame()`` gives a pandas DataFrame::
+
+        h = fit(net, train, test, epochs=3)
+        h[-1]["test_acc"], max(h.test_acc), h.to_frame().plot(y=["train_acc", "test_acc"])
+    """
 
     status: str = "done"
     epochs: list[dict] = field(default_factory=list)
     steps: int = 0
     stop_reason: str | None = None
 
+    COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __getitem__(self, i):
+        return self.epochs[i]
+
+    def __iter__(self):
+        return iter(self.epochs)
+
+    def column(self, name: str) -> list:
+        """One metric over epochs (``None`` where an epoch lacks it)."""
+        return [e.get(name) for e in self.epochs]
+
+    epoch = property(lambda self: self.column("epoch"), doc="epoch numbers, from 1")
+    train_loss = property(lambda self: self.column("train_loss"), doc="mean training loss per epoch")
+    train_acc = property(lambda self: self.column("train_acc"), doc="training accuracy per epoch (0..1)")
+    test_loss = property(lambda self: self.column("test_loss"), doc="held-out loss per epoch")
+    test_acc = property(lambda self: self.column("test_acc"), doc="held-out accuracy per epoch (0..1)")
+    seconds = property(lambda self: self.column("seconds"), doc="wall-clock seconds per epoch")
+
     def final(self) -> dict:
         return self.epochs[-1] if self.epochs else {}
 
+    def to_frame(self):
+        """The epoch records as a ``pandas.DataFrame`` indexed by epoch."""
+        import pandas as pd
+
+        return pd.DataFrame(self.epochs, columns=[c for c in self.COLUMNS if any(c in e for e in self.epochs)]
+                            or list(self.COLUMNS)).set_index("epoch")
+
     def to_dict(self) -> dict:
         return {"status": self.status, "epochs": self.epochs, "steps": self.steps, "stop_reason": self.stop_reason}
+
+    def __repr__(self) -> str:
+        last = self.final()
+        metrics = ", ".join(f"{k} {last[k]:.4f}" for k in ("train_acc", "test_acc") if last.get(k) is not None)
+        stop = f", stopped: {self.stop_reason}" if self.stop_reason else ""
+        return (f"History({self.status}, {len(self.epochs)} epoch(s), {self.steps} steps"
+                + (f", final {metrics}" if metrics else "") + stop + ")")
 
 
 @dataclass
@@ -91,11 +135,19 @@ def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000) -> tuple[f
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
-def _progress_bar(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
+def interactive() -> bool:
+    """True in a terminal or a Jupyter kernel (where a progress bar helps), false in logs and pipes."""
+    if sys.stderr.isatty():
+        return True
+    shell = sys.modules.get("IPython")
+    return bool(shell and getattr(shell, "get_ipython", lambda: None)() is not None)
 
-    # enabled=None: show the bar only when stderr is a terminal
-    disable = not sys.stderr.isatty() if enabled is None else not enabled
+
+def _progress_bar(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm  # a widget in notebooks (with ipywidgets), text in terminals
+
+    # enabled=None: show the bar only where someone watches (terminal or notebook)
+    disable = not interactive() if enabled is None else not enabled
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=disable, mininterval=0.2,
                 dynamic_ncols=True, file=sys.stderr)
 
@@ -110,6 +162,21 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
     shuffling, augmentation and dropout. A non-finite loss ends the run with status ``diverged``.
     ``on_epoch(record)`` is called after each epoch (the CLI prints from it). ``schedule`` sets
     the learning rate per step (see :func:`make_schedule`); ``lr`` is its peak.
+
+    The model is left in **eval mode** (BN uses its running statistics), ready to evaluate or
+    fold. ``progress=None`` shows a bar only in a terminal or notebook.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch to logits.
+        train, test: :class:`bnlab.data.Dataset` splits (``test`` may be ``None``).
+        optimizer: ``adam``, ``adamw``, ``sgd`` or ``momentum``.
+
+    Example::
+
+        tr, te = bnlab.data.load_splits("digits")
+        net = bnlab.models.build("keras-mlp", bn="after", input_shape=tr.input_shape, num_classes=10, seed=0)
+        h = fit(net, tr, te, batch_size=64, epochs=3)
+        h[-1]["test_acc"]
     """
     if augment is True:
         augment = Augment()
@@ -183,4 +250,5 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             break
     for cb in callbacks:
         cb.on_train_end(state)
+    model.eval()
     return history

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from bnlab import data as bdata
@@ -51,8 +50,7 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
     build = {"input_shape": list(input_shape), "num_classes": num_classes, "bn": s.bn, "norm": s.norm,
              "bn_impl": s.bn_impl, "activation": s.activation, "dropout": s.dropout,
              "virtual_batch_size": s.virtual_batch_size}
-    torch.manual_seed(s.seed)
-    return models.build_from_spec(spec, **build), spec, build
+    return models.build(spec, **build, seed=s.seed), spec, build
 
 
 def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None, on_epoch=None,
