@@ -140,13 +140,14 @@ def trained(tmp_path_factory):
 
 
 def test_doctor_flags_corrupted_running_mean_and_fix_restores(trained, tmp_path, capsys):
-    assert main(["doctor", str(trained), "--json"]) == 0
+    code = main(["doctor", str(trained), "--json"])
     healthy = json.loads(capsys.readouterr().out)
+    assert code == (1 if healthy["problems"] else 0)  # the exit status tells scripts about problems
     d = torch.load(trained, weights_only=True)
     d["state_dict"]["2.running_mean"] += 5.0  # the first BN layer
     bad = tmp_path / "bad.pt"
     torch.save(d, bad)
-    assert main(["doctor", str(bad), "--json"]) == 0  # exit 0 even with problems
+    assert main(["doctor", str(bad), "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)
     first = rep["layers"][0]
     assert first["layer"] == "2" and first["status"] == "warn" and first["mean_error_max"] > 1
@@ -154,21 +155,21 @@ def test_doctor_flags_corrupted_running_mean_and_fix_restores(trained, tmp_path,
     assert rep["eval_acc"] < healthy["eval_acc"] - 0.2
     assert rep["network_findings"] and rep["problems"] > healthy["problems"]
     fixed = tmp_path / "fixed.pt"
-    assert main(["doctor", str(bad), "--fix", "-o", str(fixed)]) == 0
+    assert main(["doctor", str(bad), "--fix", "-o", str(fixed)]) == 1  # the status describes the input
     text = capsys.readouterr().out
     assert "recalibrated" in text and str(fixed) in text
     assert main(["evaluate", str(fixed), "--json"]) == 0
     acc = json.loads(capsys.readouterr().out)["accuracy"]
     assert acc >= healthy["eval_acc"] - 0.01
-    assert main(["doctor", str(fixed), "--json"]) == 0
+    code = main(["doctor", str(fixed), "--json"])
     after = json.loads(capsys.readouterr().out)
-    assert after["layers"][0]["status"] == "ok"
+    assert after["layers"][0]["status"] == "ok" and code == (1 if after["problems"] else 0)
 
 
 def test_doctor_small_batches_and_odd_settings(tmp_path, capsys):
     ck = tmp_path / "small.pt"
     train(TrainSettings(dataset="digits", model="keras-mlp", bn="after", batch_size=4, epochs=1, seed=0), checkpoint=ck)
-    assert main(["doctor", str(ck), "--json"]) == 0
+    assert main(["doctor", str(ck), "--json"]) == 1  # a finding: exit status 1
     rep = json.loads(capsys.readouterr().out)
     assert any("values per channel" in f and "Ghost BN" in f for r in rep["layers"] for f in r["findings"])
     assert main(["doctor", str(ck), "--fix"]) == 2

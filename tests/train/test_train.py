@@ -178,7 +178,7 @@ def test_cli_train_json_and_errors(capsys, tmp_path):
     for argv, needle in [(["train", "--lr", "-1"], "lr must be a positive"),
                          (["train", "--model", "nope"], "unknown model 'nope'"),
                          (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
-                         (["train", "--epochs", "0"], "epochs must be a positive"),
+                         (["train", "--epochs", "0"], "epochs must be at least 1"),
                          (["evaluate", str(tmp_path / "missing.pt")], "does not exist"),
                          (["predict", str(tmp_path / "c.pt"), str(tmp_path / "c.pt")], "is not an image")]:
         code = main(argv)

@@ -107,10 +107,11 @@ def comparison(store: RunStore, cfg: SweepConfig) -> dict:
     return out
 
 
-def ics_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | None:
-    """Fig. 1 of the BN paper from a sweep with activation tracking (bn none vs with BN)."""
-    from bnlab.report.plots import ics_figure as draw
-
+def fig1_data(store: RunStore, cfg: SweepConfig) -> dict | None:
+    """The data of the BN paper's Fig. 1 from a sweep with activation tracking (bn none vs with
+    BN): ``{"accuracy": {label: [(step, mean test_acc over seeds)]}, "without": records,
+    "with": records, "seeds": n}`` (percentile records of each side's first seed), or ``None``
+    when the sweep has no tracked runs on both sides."""
     flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
     levels = cfg.grid.get("bn", [])
     if len(levels) < 2 or not flat:
@@ -130,41 +131,16 @@ def ics_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | No
         acc[label] = [(step, statistics.fmean(v)) for step, v in sorted(per_step.items())]
     if len(examples) < 2:
         return None
-    without = examples.get("none", examples[levels[0]])
-    with_bn = examples[[lv for lv in levels if lv != "none"][0]]
-    return draw(acc, without, with_bn, path, title=f"{cfg.name} on {cfg.dataset}: Fig. 1 of Ioffe & Szegedy "
-                                                  f"(accuracy: mean of {len(flat) // len(levels)} seed(s); percentiles: first seed)")
+    return {"accuracy": acc, "without": examples.get("none", examples[levels[0]]),
+            "with": examples[[lv for lv in levels if lv != "none"][0]], "seeds": len(flat) // len(levels)}
 
 
 def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=None, data_dir=None, workers=1,
-              executor="local", figure: str | None = None, log=print) -> dict:
+              executor="local", log=print) -> tuple[SweepConfig, dict]:
+    """Run a recipe (resuming what the store has) and return its config and :func:`comparison`.
+    Figures are drawn by :mod:`bnlab.report.reproductions`."""
     cfg = adapt(load_recipe(name), epochs, seeds, dataset)
     overrides = {"data_dir": data_dir} if data_dir else None
     run_sweep(cfg, store_path, workers=workers, executor=executor, overrides=overrides, log=log)
     with RunStore(store_path) as store:
-        out = comparison(store, cfg)
-        if cfg.fixed.get("track_activations"):
-            path = ics_figure(store, cfg, figure or f"{cfg.name}-fig1.png")
-            out["figure"] = str(path) if path else None
-        return out
-
-
-def format_comparison(c: dict) -> str:
-    def pct(v):
-        return "-" if v is None else f"{v * 100:.2f}%"
-
-    metric = c["metric"] + (f" @ epoch {c['epoch']}" if c["epoch"] else " (final)")
-    lines = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}", "",
-             f"{c['by']:<10} {'claimed':>9} {'measured ' + metric:>30} {'n':>3} {'final train':>12} {'final test':>11}"]
-    for lv in c["levels"]:
-        m = lv["measured_mean"]
-        meas = "-" if m is None else f"{pct(m)}" + (f" ± {lv['measured_ci95'] * 100:.2f}" if lv["measured_ci95"] else "")
-        if lv["at_epoch"] and c["epoch"] and lv["at_epoch"] != c["epoch"]:
-            meas += f" (epoch {lv['at_epoch']})"
-        lines.append(f"{str(lv[c['by']]):<10} {pct(lv['claimed']):>9} {meas:>30} {lv['n']:>3} "
-                     f"{pct(lv['final_train_acc']):>12} {pct(lv['final_test_acc']):>11}")
-    lines.append("(± is the 95% confidence half-width over seeds)")
-    if c.get("figure"):
-        lines.append(f"Fig. 1 trio written to {c['figure']}")
-    lines += [""] + [t["verdict"] for t in c["tests"]]
-    return "\n".join(lines)
+        return cfg, comparison(store, cfg)

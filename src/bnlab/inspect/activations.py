@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bnlab.train.callbacks import Callback
+from bnlab.train.loop import evaluate_loss_acc
 
 NONLINEARITIES = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.GELU)
 QUANTILES = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
@@ -121,20 +122,8 @@ class ActivationTracker(Callback):
             self.records.append({"step": self._step, "layer": "test", "test_acc": self._test_acc()})
         self._armed = False
 
-    @torch.no_grad()
     def _test_acc(self) -> float:
-        was = self.model.training
-        self.model.eval()
-        correct = seen = 0
-        for x, y in self.eval_data.batches(1000):
-            take = min(len(y), self.eval_size - seen)
-            out = self.model(x[:take])
-            correct += int((out.argmax(1) == y[:take]).sum())
-            seen += take
-            if seen >= self.eval_size:
-                break
-        self.model.train(was)
-        return correct / max(seen, 1)
+        return evaluate_loss_acc(self.model, self.eval_data, limit=self.eval_size)[1]
 
     def on_train_end(self, state) -> None:
         for h in self._handles:

@@ -9,7 +9,6 @@ updated their statistics, and training batches too small for reliable statistics
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -27,22 +26,10 @@ MIN_VALUES_PER_CHANNEL = 32  # fewer values per channel per batch give noisy bat
 ACC_GAP = 0.02  # eval-mode accuracy this much below batch-statistics accuracy is flagged
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data, batch_size: int = 500, batch_stats: bool = False) -> float:
     """Accuracy with BN in eval mode, or with each BN using the current batch's statistics
     (other layers in eval mode; running statistics untouched)."""
-    if not batch_stats:
-        return evaluate_loss_acc(model, data, batch_size)[1]
-    m = copy.deepcopy(model)
-    m.eval()
-    for mod in m.modules():
-        if is_batchnorm(mod):
-            mod.train()
-            mod.momentum = 0.0  # use batch statistics without moving the (copied) running ones
-    correct = 0
-    for x, y in data.batches(batch_size):
-        correct += int((m(x).argmax(1) == y).sum())
-    return correct / len(data)
+    return evaluate_loss_acc(model, data, batch_size, bn_batch_stats=batch_stats)[1]
 
 
 def _layer_shape(model: nn.Module, bn: nn.Module, input_shape) -> tuple:
@@ -133,7 +120,7 @@ def fix(model: nn.Module, train, stats_limit: int | None = None) -> nn.Module:
     return recalibrate_batchnorm(model, data.batches(500))
 
 
-def format_report(rep: dict) -> str:
+def format_diagnosis(rep: dict) -> str:
     if rep["bn_layers"] == 0:
         return "no batch-norm layers: nothing to check"
     lines = []

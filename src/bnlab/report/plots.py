@@ -195,7 +195,7 @@ def activation_percentiles(records: list[dict], path: str | Path, layer: str | N
     return _save(fig, path)
 
 
-def ics_figure(acc_series: dict, without_bn: list[dict], with_bn: list[dict], path: str | Path, title: str = "") -> Path:
+def ioffe_fig1(acc_series: dict, without_bn: list[dict], with_bn: list[dict], path: str | Path, title: str = "") -> Path:
     """The BN paper's Fig. 1 trio: (a) test accuracy over steps with and without BN, (b, c) the
     percentiles of the last hidden layer's sigmoid input over steps without and with BN.
 

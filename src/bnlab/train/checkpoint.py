@@ -92,12 +92,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        text = str(e)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text.strip() else ""
+        if "Unsupported global" in text or "not an allowed global" in text:
             raise CheckpointError(
                 f"{path} was refused: it holds pickled Python objects (code), which bnlab never loads (it reads "
                 "checkpoints with torch.load(weights_only=True)); bnlab checkpoints hold only tensors and plain "
                 "values: re-save the model with 'bnlab train --checkpoint' or bnlab.train.save_checkpoint") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (unpickling failed: {reason[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -117,10 +118,25 @@ def make_schedule(name: str, opt, lr: float, total_steps: int):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every example of ``data``, model in eval mode (mode restored)."""
+def predict_logits(model: nn.Module, data, batch_size: int = 1000, *, limit: int | None = None,
+                   bn_batch_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the examples of ``data`` (the first ``limit`` of them if given), with
+    the model in eval mode (its mode is restored). ``bn_batch_stats=True`` lets every BN layer
+    normalize with each batch's own statistics instead (on a copy: running statistics untouched)
+    — what the doctor compares eval mode against. Every accuracy in bnlab comes from here."""
+    from bnlab.nn import is_batchnorm
+
+    if limit is not None:
+        data = data.subset(limit)
     was = model.training
+    if bn_batch_stats:
+        model = copy.deepcopy(model)
     model.eval()
+    if bn_batch_stats:
+        for m in model.modules():
+            if is_batchnorm(m):
+                m.train()
+                m.momentum = 0.0  # batch statistics, running ones left as they are
     outs, ys = [], []
     for x, y in data.batches(batch_size):
         outs.append(model(x))
@@ -129,9 +145,10 @@ def predict_logits(model: nn.Module, data, batch_size: int = 1000) -> tuple[torc
     return torch.cat(outs), torch.cat(ys)
 
 
-def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode."""
-    logits, y = predict_logits(model, data, batch_size)
+def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000, **options) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode (``options``: see
+    :func:`predict_logits`)."""
+    logits, y = predict_logits(model, data, batch_size, **options)
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
