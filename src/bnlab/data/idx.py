@@ -2,11 +2,19 @@
 
 Layout (big-endian): two zero bytes, a dtype code, the number of dimensions ``d``, then ``d``
 32-bit sizes, then the payload in C order. Every check failure names the file and what is wrong.
+
+Reading trusts nothing the header says until the bytes are there: the header is read first and
+the payload size it declares is checked against what the file can hold (its size for a raw
+file; at most ``MAX_DEFLATE_RATIO`` times its size for a gzip file) before any buffer is
+allocated; then the payload is streamed into that one buffer, and one more byte in the stream
+is a refusal. A small file can therefore never make us allocate much, and a normal file costs
+its payload once (no copy of the whole file next to the array).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -26,13 +34,87 @@ IDX_DTYPES = {
 }
 _CODE_OF = {dt.str.lstrip("><|"): code for code, dt in IDX_DTYPES.items()}
 
+# The largest payload read_idx accepts, in bytes (Fashion-MNIST's training images are 47 MB).
+# A header declaring more is taken as corrupt; set bnlab.data.idx.MAX_PAYLOAD_BYTES to read more.
+MAX_PAYLOAD_BYTES = 4 << 30
+# Deflate cannot expand a byte of compressed data into more than 1032 bytes.
+MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 20  # bytes decompressed per read: bounds gzip's temporary buffers
 
-def _read_bytes(path: Path) -> bytes:
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_into(f, buf: memoryview) -> int:
+    """Fill ``buf`` from ``f`` in chunks; the number of bytes read (less than ``len(buf)`` at end of file)."""
+    pos = 0
+    while pos < len(buf):
+        n = f.readinto(buf[pos:pos + _CHUNK])
+        if not n:
+            break
+        pos += n
+    return pos
+
+
+def _size_error(path: Path, dims, expected: int, got: str, short: bool) -> DataFormatError:
+    return DataFormatError(
+        f"{path}: payload is too {'short' if short else 'long'}: dimensions {tuple(dims)} need {expected} bytes, "
+        f"file has {got}; the file is corrupt or truncated, fetch it again"
+    )
+
+
+def _read_payload(path: Path, f, file_size: int, header_len: int, dims, dtype: np.dtype) -> np.ndarray:
+    expected = math.prod(dims) * dtype.itemsize
+    if expected > MAX_PAYLOAD_BYTES:
+        raise DataFormatError(
+            f"{path}: header declares dimensions {tuple(dims)}, {expected} bytes, more than the "
+            f"{MAX_PAYLOAD_BYTES} bytes bnlab reads (bnlab.data.idx.MAX_PAYLOAD_BYTES); the header is corrupt, "
+            "fetch the file again"
+        )
+    if path.suffix != ".gz":
+        got = file_size - header_len
+        if got != expected:
+            raise _size_error(path, dims, expected, str(got), short=got < expected)
+    elif expected > file_size * MAX_DEFLATE_RATIO:
+        raise _size_error(path, dims, expected, f"at most {file_size * MAX_DEFLATE_RATIO} "
+                          f"(a {file_size}-byte gzip file cannot hold more)", short=True)
+    buf = np.empty(expected, dtype=np.uint8)
+    got = _read_into(f, memoryview(buf))
+    if got < expected:
+        raise _size_error(path, dims, expected, str(got), short=True)
+    if f.read(1):
+        raise _size_error(path, dims, expected, f"more than {expected}", short=False)
+    out = buf.view(dtype)
+    if not dtype.isnative and dtype.itemsize > 1:
+        out.byteswap(inplace=True)  # in place: no second copy of the payload
+    return out.view(dtype.newbyteorder("=")).reshape(dims)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (``.gz`` or raw) into a writable native-endian numpy array shared with nothing else."""
+    path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        file_size = path.stat().st_size
+        with _open(path) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataFormatError(f"{path} is too short to be an IDX file ({len(head)} bytes)")
+            zero, code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or code not in IDX_DTYPES:
+                raise DataFormatError(
+                    f"{path} is not an IDX file: bad magic number 0x{head.hex()} "
+                    "(expected 0x0000 followed by a dtype code 08/09/0B/0C/0D/0E)"
+                )
+            if ndim == 0:
+                raise DataFormatError(f"{path}: IDX header declares 0 dimensions")
+            header_len = 4 + 4 * ndim
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataFormatError(
+                    f"{path}: header truncated (needs {header_len} bytes, file has {4 + len(sizes)})")
+            dims = struct.unpack(f">{ndim}I", sizes)
+            return _read_payload(path, f, file_size, header_len, dims, IDX_DTYPES[code])
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise DataFormatError(f"cannot read {path}: {e.strerror or e}") from None
@@ -40,37 +122,6 @@ def _read_bytes(path: Path) -> bytes:
             f"{path} is not a readable gzip file ({e}); it is probably truncated or corrupt: "
             "delete it and fetch it again"
         ) from None
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw) into a native-endian numpy array."""
-    path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataFormatError(f"{path} is too short to be an IDX file ({len(raw)} bytes)")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code not in IDX_DTYPES:
-        raise DataFormatError(
-            f"{path} is not an IDX file: bad magic number 0x{raw[:4].hex()} "
-            "(expected 0x0000 followed by a dtype code 08/09/0B/0C/0D/0E)"
-        )
-    if ndim == 0:
-        raise DataFormatError(f"{path}: IDX header declares 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DataFormatError(f"{path}: header truncated (needs {header_len} bytes, file has {len(raw)})")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    dtype = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    got = len(raw) - header_len
-    if got != expected:
-        what = "short" if got < expected else "long"
-        raise DataFormatError(
-            f"{path}: payload is too {what}: dimensions {tuple(dims)} need {expected} bytes, "
-            f"file has {got}; the file is corrupt or truncated, fetch it again"
-        )
-    # astype copies: the array owns writable memory instead of viewing the immutable bytes.
-    return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> Path:
