@@ -93,8 +93,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text.strip() else ""
-        if "Unsupported global" in text or "not an allowed global" in text:
+        # torch's message is advice to turn the check off; keep only the line that says what it met
+        lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in text.splitlines()
+                 if ln.strip() and not ln.startswith(("Weights only load failed", "Check the documentation"))]
+        reason = next((ln for ln in lines if ln), type(e).__name__)
+        if "global" in text.lower():  # a reference to a Python function or class: code
             raise CheckpointError(
                 f"{path} was refused: it holds pickled Python objects (code), which bnlab never loads (it reads "
                 "checkpoints with torch.load(weights_only=True)); bnlab checkpoints hold only tensors and plain "
