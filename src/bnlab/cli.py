@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -141,17 +142,11 @@ def _finite(x):
 
 
 def settings_from_args(args):
+    """The TrainSettings named by the parsed options (every setting has its option, see below)."""
     from bnlab.train import TrainSettings
+    from bnlab.train.settings import settings_fields
 
-    return TrainSettings(
-        dataset=args.dataset, model=args.model, bn=args.bn, bn_impl=args.bn_impl, norm=args.norm,
-        virtual_batch_size=args.virtual_batch_size, activation=args.activation, dropout=args.dropout,
-        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, momentum=args.momentum, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, standardize=args.standardize,
-        augment=args.augment, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
-        image_size=args.image_size, channels=args.channels, early_stopping=args.early_stopping,
-        track_activations=args.track_activations, track_every=args.every,
-    ).validate()
+    return TrainSettings(**{f.name: getattr(args, f.name) for f in settings_fields()}).validate()
 
 
 def _epoch_line(r: dict) -> str:
@@ -197,21 +192,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from bnlab.train import evaluate, format_report, load_checkpoint
+    from bnlab.train import evaluate, format_evaluation, load_checkpoint
 
     ck = load_checkpoint(args.checkpoint)
     (data,) = _checkpoint_data(ck, args, (args.split,))
     name = data.name
     rep = evaluate(ck.model, data)
     if args.confusion:
-        from bnlab.report.plots import confusion_matrix
+        from bnlab.report.plots import confusion_matrix, run_title
 
-        confusion_matrix(rep["confusion"], data.classes, args.confusion, title=f"{name} {args.split}")
+        confusion_matrix(rep["confusion"], data.classes, args.confusion,
+                         title=f"{run_title(ck.settings)}\non {name} {args.split}: accuracy {rep['accuracy']:.4f}")
         rep["confusion_png"] = args.confusion
     if args.json:
         _print_json(rep)
     else:
-        print(format_report(rep))
+        print(format_evaluation(rep))
         if args.confusion:
             print(f"wrote {args.confusion}")
     return 0
@@ -219,16 +215,21 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from bnlab.train import load_checkpoint, predict_images
+    from bnlab.train.evaluate import format_preprocess
 
     ck = load_checkpoint(args.checkpoint)
-    results = predict_images(ck, args.images, args.top_k, args.invert)
+    results = predict_images(ck, args.images, args.top_k, args.invert, errors="report")
     if args.json:
         _print_json(results)
-        return 0
     for r in results:
-        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-        print(f"{r['image']}: {top}")
-    return 0
+        if "error" in r:
+            print(f"bnlab: error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            print(f"{r['image']}: {top}\n  {format_preprocess(r['preprocess'])}")
+            for w in r["warnings"]:
+                print(f"  warning: {w}")
+    return 2 if any("error" in r for r in results) else 0
 
 
 # ---------------------------------------------------------------- experiments
@@ -241,23 +242,33 @@ def _store(args):
 
 
 def cmd_sweep(args) -> int:
+    """Exit status: 0 when every run is done or diverged; 1 when a run failed or was interrupted
+    (a line on stderr says which and how to see them); 3 when the only unfinished runs are still
+    running in another process (run the command again later); 2 on an error, before any run."""
     from bnlab.experiments import load_config, run_sweep
 
     cfg = load_config(args.config)
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     summary = run_sweep(cfg, args.store, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
-                        tensorboard=args.tensorboard, overrides=overrides, threads=args.threads, log=log)
+                        tensorboard=args.tensorboard, overrides=overrides, threads=args.threads,
+                        max_runs=args.max_runs, lease=args.lease, log=log)
     statuses = list(summary.finished.values())
     line = (f"sweep {cfg.name!r}: {summary.total} run(s), {summary.skipped} already finished, "
             f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, {statuses.count('failed')} failed "
             f"now ({summary.seconds:.1f}s); results: bnlab results --store {args.store} --sweep {cfg.name}")
+    status = 1 if summary.failed or summary.interrupted else 3 if summary.still_running else 0
     if args.json:
         print(json.dumps({"sweep": cfg.name, "total": summary.total, "skipped": summary.skipped,
-                          "finished": summary.finished, "seconds": summary.seconds, "store": args.store}))
+                          "finished": summary.finished, "seconds": summary.seconds, "store": args.store,
+                          "counts": summary.counts, "failed": summary.failed, "interrupted": summary.interrupted,
+                          "still_running": summary.still_running, "running_elsewhere": summary.running_elsewhere,
+                          "threads": summary.threads, "config_version": summary.version, "exit_status": status}))
     else:
         print(line)
-    return 0
+    if status:
+        print(f"bnlab: {summary.unfinished(args.store)}", file=sys.stderr)
+    return status
 
 
 def cmd_results(args) -> int:
@@ -286,8 +297,13 @@ def cmd_compare(args) -> int:
     from bnlab.experiments import compare, rows
     from bnlab.report.sweeps import format_compare
 
+    from bnlab.experiments.analysis import check_where_matches
+
     with _store(args) as store:
-        c = compare(rows(store.runs(args.sweep), args.where), args.by, args.metric)
+        runs = store.runs(args.sweep)
+        selected = rows(runs, args.where)
+        check_where_matches(runs, args.where, selected)
+        c = compare(selected, args.by, args.metric)
     if args.json:
         print(json.dumps(_finite(c), indent=2))
     else:
@@ -334,13 +350,17 @@ def _checkpoint_data(ck, args, splits=("train", "test")):
 
 
 def cmd_doctor(args) -> int:
-    from bnlab.inspect.doctor import accuracy, diagnose, fix, format_report
+    from bnlab.inspect.doctor import accuracy, diagnose, fix, format_diagnosis
     from bnlab.train import load_checkpoint, save_checkpoint
 
     if args.fix and not args.output:
         from bnlab.errors import ConfigError
 
         raise ConfigError("--fix needs -o OUT: the recalibrated checkpoint is written there (the original is kept)")
+    if args.fix:
+        from bnlab._files import check_writable
+
+        check_writable(args.output, "checkpoint")
     ck = load_checkpoint(args.checkpoint)
     train, test = _checkpoint_data(ck, args)
     rep = diagnose(ck.model, train, test, batch_size=ck.settings.get("batch_size"), stats_limit=args.limit)
@@ -351,19 +371,42 @@ def cmd_doctor(args) -> int:
         save_checkpoint(args.output, ck.model, spec=ck.spec, build=ck.build, standardizer=ck.standardizer,
                         classes=ck.classes, settings=ck.settings, history=ck.history, extra=ck.extra)
         rep["fix"] = {"output": args.output, "eval_acc_before": before, "eval_acc_after": after}
+    status = 1 if rep["problems"] else 0  # documented: scripts can test `bnlab doctor CKPT`
     if args.json:
         _print_json(_finite(rep))
-        return 0
-    print(format_report(rep))
+        return status
+    print(format_diagnosis(rep))
     if args.fix:
         f = rep["fix"]
         print(f"recalibrated on {min(len(train), args.limit)} training images: test accuracy "
               f"{f['eval_acc_before']:.4f} -> {f['eval_acc_after']:.4f}; wrote {args.output}")
+    return status
+
+
+def cmd_fold(args) -> int:
+    from bnlab._files import check_writable
+    from bnlab.train import evaluate, fold_checkpoint, load_checkpoint
+
+    check_writable(args.output, "checkpoint")
+    ck = load_checkpoint(args.checkpoint)
+    report = fold_checkpoint(ck, args.output)
+    out = {"output": args.output, **report.to_dict()}
+    if args.check:
+        (test,) = _checkpoint_data(ck, args, ("test",))
+        out["accuracy_before"] = evaluate(ck.model, test)["accuracy"]
+        out["accuracy_after"] = evaluate(load_checkpoint(args.output).model, test)["accuracy"]
+    if args.json:
+        _print_json(out)
+        return 0
+    print(report)
+    if args.check:
+        print(f"test accuracy {out['accuracy_before']:.4f} before, {out['accuracy_after']:.4f} after folding")
+    print(f"wrote {args.output}")
     return 0
 
 
 def cmd_plot_activations(args) -> int:
-    from bnlab.report.plots import activation_percentiles
+    from bnlab.report.plots import activation_percentiles, run_title
 
     if (args.run is None) == (args.checkpoint is None):
         from bnlab.errors import ConfigError
@@ -373,23 +416,31 @@ def cmd_plot_activations(args) -> int:
         with _store(args) as store:
             rid = store.find_run(args.run)
             records = store.activations(rid)
-        title = f"run {rid[:8]}"
+            settings = next(r["settings"] for r in store.runs() if r["run_id"] == rid)
+        title = f"{run_title(settings)} (run {rid[:8]})"
     else:
         from bnlab.train import load_checkpoint
 
-        records = load_checkpoint(args.checkpoint).extra.get("activations", [])
-        title = args.checkpoint
+        ck = load_checkpoint(args.checkpoint)
+        records = ck.extra.get("activations", [])
+        title = f"{run_title(ck.settings)} ({args.checkpoint})"
     path = activation_percentiles(records, args.output, args.layer, title)
     print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
     return 0
 
 
 def cmd_reproduce(args) -> int:
-    from bnlab.experiments.reproduce import format_comparison, reproduce
+    from bnlab.experiments import RunStore
+    from bnlab.experiments.reproduce import reproduce
+    from bnlab.report.reproductions import format_comparison, reproduction_figure
 
     log = (lambda m: None) if (args.quiet or args.json) else (lambda m: print(m, flush=True))
-    c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
-                  data_dir=args.data_dir, workers=args.workers, executor=args.executor, figure=args.figure, log=log)
+    cfg, c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
+                       data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log)
+    with RunStore(args.store) as store:
+        figure = reproduction_figure(store, cfg, args.figure or f"{cfg.name}-fig1.png")
+    if figure is not None:
+        c["figure"] = str(figure)
     if args.json:
         print(json.dumps(_finite(c), indent=2))
     else:
@@ -403,7 +454,8 @@ def cmd_reproduce(args) -> int:
 def cmd_demo(args) -> int:
     """A reduced deeplizard BN-vs-no-BN sweep: results table, verdict, curves.png, report.html."""
     from bnlab.data import info, load
-    from bnlab.experiments.reproduce import comparison, format_comparison
+    from bnlab.experiments.reproduce import comparison
+    from bnlab.report.reproductions import format_comparison
     from bnlab.experiments import RunStore, SweepConfig, run_sweep
     from bnlab.experiments.reproduce import adapt, load_recipe
     from bnlab.report.plots import sample_grid
@@ -445,44 +497,26 @@ def _add_image_options(p) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), help="image-folder: 1 = grayscale, 3 = RGB (default 3)")
 
 
-def _add_model_options(p) -> None:
-    from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
-
-    p.add_argument("--bn", default="none", choices=BN_PLACEMENTS,
-                   help="where BN goes: none, before/after each activation, or the tutorial's own placement")
-    p.add_argument("--bn-impl", default="bnlab", choices=BN_IMPLS, help="bnlab's BN layers or torch's")
-    p.add_argument("--norm", default="batch", choices=NORMS, help="batch norm, batch renorm or ghost batch norm")
-    p.add_argument("--activation", choices=tuple(ACTIVATIONS), help="override the network's activation")
+MODEL_SETTINGS = ("bn", "bn_impl", "norm", "activation")
 
 
-def _add_train_options(p) -> None:
-    from bnlab.train import OPTIMIZERS
+def _add_settings_options(p, only=None) -> None:
+    """One option per training setting (or those named in ``only``), with its type, default, choices
+    and help taken from :class:`bnlab.train.TrainSettings`."""
+    from bnlab.train.settings import setting_type, settings_fields
 
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (see 'bnlab data list')")
-    _add_data_dir(p)
-    _add_image_options(p)
-    p.add_argument("--model", default="deeplizard-cnn", help="zoo name (see 'bnlab models list') or spec .toml")
-    _add_model_options(p)
-    p.add_argument("--virtual-batch-size", type=int, default=32, help="ghost BN virtual batch size")
-    p.add_argument("--dropout", type=float, help="override the dropout probability of the network's dropout layers")
-    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
-    p.add_argument("--schedule", default="constant", choices=("constant", "onecycle", "cosine"),
-                   help="learning-rate schedule per step; --lr is its peak")
-    p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--standardize", default="zscore", choices=("none", "scale", "zscore"),
-                   help="input standardization, statistics from the train split (default zscore)")
-    p.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts of training images")
-    p.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop when test loss stalls this many epochs")
-    p.add_argument("--track-activations", action="store_true",
-                   help="record the input percentiles of every nonlinearity during training")
-    p.add_argument("--every", type=int, default=100, help="with --track-activations: every K steps (default 100)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training examples")
-    p.add_argument("--test-limit", type=int, help="use only the first N test examples")
+    for f in settings_fields():
+        if only is not None and f.name not in only:
+            continue
+        m = f.metadata
+        flag = m["flag"] or "--" + f.name.replace("_", "-")
+        kind, _ = setting_type(f)
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action="store_true", help=m["help"])
+            continue
+        default = f" (default {f.default})" if f.default is not None else ""
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=m["choices"], metavar=m["metavar"],
+                       help=m["help"] + default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_list)
     p = msub.add_parser("show", help="a Keras-style summary: layers, output shapes, parameters")
     p.add_argument("name", help="zoo name or spec .toml file")
-    _add_model_options(p)
+    _add_settings_options(p, only=MODEL_SETTINGS)
     p.add_argument("--dataset", default="fashion-mnist", help="dataset whose input shape and classes to use")
     _add_data_dir(p)
     _add_image_options(p)
@@ -537,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_show)
 
     p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics")
-    _add_train_options(p)
+    _add_settings_options(p)
     p.add_argument("--checkpoint", help="write the trained network here (.pt)")
     p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files under DIR/train/<run id>")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -553,12 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify image files with a checkpoint")
+    p = sub.add_parser("predict", help="classify image files with a checkpoint",
+                       description="Unreadable files are reported one line each while the others are "
+                                   "predicted; the exit status is then 2.")
     p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+",
+                   help="image files, directories (their image files, not recursive) or quoted glob patterns")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--invert", action="store_true",
-                   help="invert pixel values first: dark objects on a light background, for MNIST-style models")
+    p.add_argument("--invert", nargs="?", const="yes", default="auto", choices=("auto", "yes", "no"),
+                   help="invert pixel values (dark objects on a light background, for MNIST-style models); "
+                        "auto (default): when the picture's border is light and the training images are dark; "
+                        "a bare --invert means yes (put it after the images or write --invert=yes)")
     _add_json(p)
     p.set_defaults(func=cmd_predict)
 
@@ -567,7 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     def add_store(p):
         p.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite run store (default {DEFAULT_STORE})")
 
-    p = sub.add_parser("sweep", help="run a grid of settings x seeds from a TOML config; re-running resumes")
+    p = sub.add_parser("sweep", help="run a grid of settings x seeds from a TOML config; re-running resumes",
+                       description="Run a grid of settings x seeds from a TOML config; re-running resumes. Exit "
+                                   "status: 0 when every run is done or diverged, 1 when a run failed or was "
+                                   "interrupted, 3 when runs are still running in another process, 2 on an error "
+                                   "(found before any run starts).")
+    from bnlab.experiments.config import MAX_RUNS
+    from bnlab.experiments.store import DEFAULT_LEASE
+
     p.add_argument("config", help="sweep config .toml (see experiments/)")
     add_store(p)
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (torch threads = cores / N)")
@@ -577,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files per run under DIR")
     _add_data_dir(p)
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    p.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                   help=f"refuse a grid of more than N runs (default {MAX_RUNS:,})")
+    p.add_argument("--lease", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
+                   help="a running run whose owner sent no heartbeat for this long is rerun (default "
+                        f"{DEFAULT_LEASE:.0f}); the only check for runs of another host")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_sweep)
 
@@ -618,7 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("doctor", help="check a checkpoint's BN layers against the data (and --fix them)")
+    p = sub.add_parser("doctor", help="check a checkpoint's BN layers against the data (and --fix them)",
+                       description="Check every BN layer of a checkpoint against the data. Exit status: 0 when "
+                                   "healthy, 1 when it finds a problem (also with --fix: the status describes the "
+                                   "checkpoint given), 2 on an error.")
     p.add_argument("checkpoint")
     p.add_argument("--dataset", help="default: the dataset it was trained on")
     _add_data_dir(p)
@@ -627,6 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="with --fix: where to write the recalibrated checkpoint")
     _add_json(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("fold", help="merge a checkpoint's BN layers into their Conv/Linear neighbours (for shipping)")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True, help="where to write the folded checkpoint")
+    p.add_argument("--check", action="store_true", help="compare test accuracy before and after folding")
+    p.add_argument("--dataset", help="with --check: default the dataset it was trained on")
+    _add_data_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("plot-activations", help="percentiles of tracked layer inputs over training")
     add_store(p)
@@ -679,6 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`bnlab results | head`): stop quietly, as Unix tools do; stdout is
+        # pointed at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

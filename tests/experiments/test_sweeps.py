@@ -106,13 +106,14 @@ def test_sweep_resume_and_single_vs_two_workers_identical(tmp_path):
     run_sweep(cfg, tmp_path / "one-t1.db", workers=1, threads=1, log=quiet)
     run_sweep(cfg, tmp_path / "two-t1.db", workers=2, threads=1, log=quiet)
 
-    def epochs_of(path):
+    def epochs_of(path):  # keyed by the settings but for the thread count, which is part of the run id
         with RunStore(path) as st:
-            return {r["run_id"]: [{k: v for k, v in e.items() if k != "seconds"} for e in st.epochs(r["run_id"])]
+            return {json.dumps({k: v for k, v in r["settings"].items() if k != "threads"}, sort_keys=True):
+                    [{k: v for k, v in e.items() if k != "seconds"} for e in st.epochs(r["run_id"])]
                     for r in st.runs()}
 
     one, two = epochs_of(tmp_path / "one.db"), epochs_of(tmp_path / "two.db")
-    assert set(one) == set(two)
+    assert set(one) == set(two) and len(one) == 4
     for rid in one:  # 2 threads vs 1 thread each: float rounding, compounded over training, only
         for a, b in zip(one[rid], two[rid]):
             assert abs(a["test_acc"] - b["test_acc"]) <= 0.01 and a["train_loss"] == pytest.approx(b["train_loss"], rel=0.01)

@@ -189,15 +189,15 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
     if rows_ and metric not in rows_[0]:
         known = [*METRICS, *(k for k in rows_[0] if k.startswith("summary."))]
         raise ConfigError(f"--metric: unknown metric {metric!r}{suggest(metric, known)}; choose one of {', '.join(known)}")
-    extra = varying([r for r in rows_ if r["status"] == "done"], exclude=(by,))
-    if extra:
-        raise ConfigError(f"cannot compare {by}: {mixture_note(extra, [by])}")
     levels: dict = {}
     for r in rows_:
         if r["status"] == "done" and r.get(metric) is not None and math.isfinite(r[metric]):
             levels.setdefault(r[by], []).append(r[metric])
     if len(levels) < 2:
         raise ConfigError(f"compare needs finished runs at two or more values of {by!r}; found {list(levels) or 'none'}")
+    extra = varying([r for r in rows_ if r["status"] == "done"], exclude=(by,))
+    if extra:
+        raise ConfigError(f"cannot compare {by}: {mixture_note(extra, [by])}")
     summary = []
     for level, vals in levels.items():
         n = len(vals)

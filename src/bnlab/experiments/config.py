@@ -17,15 +17,21 @@ lr = [0.01, 0.001]
 text = "BN 93.7% vs no-BN 91% train accuracy by epoch 20"
 ```
 
-Every run's settings are validated before anything runs. A run's identity is a hash of its
-resolved settings, so re-running a config finds the runs it already did.
+``parse_config`` checks every value once (its type, its bounds, that the model exists and has
+the BN placement asked for); ``run_sweep`` then checks every run of the grid and builds each
+distinct network for its dataset, all before the store is touched. A run's identity is a hash of
+its resolved settings (plus the torch thread count a sweep runs it with, see ``run_id``), so
+re-running a config finds the runs it already did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,16 +42,29 @@ from bnlab.train.settings import TrainSettings
 CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description", "track"}
 # settings that describe where data lives, not what the run is: left out of the run's identity
 NOT_IDENTITY = {"data_dir"}
+# a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)
+MAX_RUNS = 10_000
 
 
 @dataclass
 class Run:
+    """One run of a sweep: its identity, its settings and the torch threads it runs with
+    (``None``: not part of its identity, as for ``cfg.runs()`` without ``threads``)."""
+
     run_id: str
     settings: TrainSettings
+    threads: int | None = None
 
     @property
     def label(self) -> str:
         return f"{self.run_id[:8]} seed={self.settings.seed}"
+
+    def stored_settings(self) -> dict:
+        """The settings as the run store keeps them: the training settings plus ``threads``."""
+        d = self.settings.to_dict()
+        if self.threads is not None:
+            d["threads"] = self.threads
+        return d
 
 
 @dataclass
@@ -66,28 +85,111 @@ class SweepConfig:
         return {"name": self.name, "dataset": self.dataset, "seeds": self.seeds, "fixed": self.fixed,
                 "grid": self.grid, "claim": self.claim, "description": self.description}
 
-    def runs(self, overrides: dict | None = None) -> list[Run]:
-        """Every run of the sweep: grid product x seeds, each validated."""
+    def size(self) -> int:
+        """How many runs the sweep has (grid product x seeds), computed without expanding it."""
+        return math.prod(len(v) for v in self.grid.values()) * len(self.seeds)
+
+    def size_text(self) -> str:
+        """``"200 x 200 values x 1 seed(s)"``: where :meth:`size` comes from."""
+        values = " x ".join(str(len(v)) for v in self.grid.values())
+        return f"{values + ' values x ' if values else ''}{len(self.seeds)} seed(s)"
+
+    def iter_runs(self, overrides: dict | None = None, threads: int | None = None) -> Iterator[Run]:
+        """Every run of the sweep, one at a time (grid product x seeds, in a fixed order), each
+        validated. ``threads`` (the torch threads per run) becomes part of each run's identity."""
+        _check_seeds(self.seeds, f"sweep {self.name!r}")
         keys = list(self.grid)
-        combos = list(itertools.product(*(self.grid[k] for k in keys))) if keys else [()]
-        runs = []
-        for combo in combos:
-            for seed in self.seeds:
-                d = {"dataset": self.dataset, **self.fixed, **dict(zip(keys, combo)), "seed": seed,
-                     **(overrides or {})}
-                try:
-                    s = TrainSettings.from_dict(d).validate()
-                except ConfigError as e:
-                    where = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
-                    raise ConfigError(f"sweep {self.name!r}{' (' + where + ')' if where else ''}: {e}") from None
-                runs.append(Run(run_id(s), s))
-        return runs
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            point = dict(zip(keys, combo))
+            first = self._run(point, self.seeds[0], overrides, threads)
+            yield first
+            for seed in self.seeds[1:]:
+                if overrides and "seed" in overrides:
+                    yield self._run(point, seed, overrides, threads)
+                    continue
+                # validated once per grid point: the seeds differ only in the seed, checked by parse_config
+                s = dataclasses.replace(first.settings, seed=seed)
+                yield Run(run_id(s, threads), s, threads)
+
+    def runs(self, overrides: dict | None = None, threads: int | None = None) -> list[Run]:
+        """Every run of the sweep as a list (see :meth:`iter_runs`, which does not hold them all)."""
+        return list(self.iter_runs(overrides, threads))
+
+    def _run(self, point: dict, seed: int, overrides: dict | None, threads: int | None) -> Run:
+        d = {"dataset": self.dataset, **self.fixed, **point, "seed": seed, **(overrides or {})}
+        try:
+            # validate() checks each value's type and bounds, and batch_size >= 2 with BN
+            s = TrainSettings.from_dict(d).validate()
+        except ConfigError as e:
+            raise ConfigError(f"sweep {self.name!r}{_where(point)}: {e}") from None
+        except (TypeError, ValueError) as e:  # a value of a type validate() did not expect
+            raise ConfigError(f"sweep {self.name!r}{_where(point)}: a setting has a value of the wrong type ({e}): "
+                              "check the types in [fixed] and [grid] (numbers without quotes)") from None
+        return Run(run_id(s, threads), s, threads)
+
+    def values(self, key: str, overrides: dict | None = None) -> list:
+        """The values setting ``key`` takes in this sweep (its default when neither fixed nor gridded)."""
+        if overrides and key in overrides:
+            return [overrides[key]]
+        if key in self.grid:
+            return list(self.grid[key])
+        if key in self.fixed:
+            return [self.fixed[key]]
+        if key == "dataset":
+            return [self.dataset]
+        return [getattr(TrainSettings(), key)]
+
+    def check(self, overrides: dict | None = None) -> None:
+        """Cheap checks before anything runs, independent of the grid's size and of the data:
+        each grid value in one run (the other keys at their first values), every model (a zoo
+        name or a spec file) and its BN placements. The combinations and the networks' fit to
+        the data are checked by ``run_sweep``."""
+        from bnlab.models import resolve_spec
+
+        _check_seeds(self.seeds, f"sweep {self.name!r}")
+        first = {k: v[0] for k, v in self.grid.items()}
+        points = [first] + [{**first, k: v} for k, vs in self.grid.items() for v in vs[1:]]
+        for point in points:
+            self._run(point, self.seeds[0], overrides, None)
+        bns = self.values("bn", overrides)
+        for model in self.values("model", overrides):
+            where = "[grid]" if "model" in self.grid else "[fixed]" if "model" in self.fixed else "(the default)"
+            try:
+                spec = resolve_spec(model)
+            except ConfigError as e:
+                raise ConfigError(f"sweep {self.name!r}: model = {json.dumps(model)} in {where}: {e}") from None
+            if "tutorial" in bns and not spec.get("tutorial_bn"):
+                raise ConfigError(f"sweep {self.name!r}: bn = \"tutorial\" with model = {json.dumps(model)}: "
+                                  f"{spec['name']} has no tutorial BN placement: use bn = \"before\" or \"after\" "
+                                  "for it")
 
 
-def run_id(settings: TrainSettings) -> str:
-    """Stable 16-hex-digit identity of a run's resolved settings."""
-    d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
+def _where(point: dict) -> str:
+    return f" ({', '.join(f'{k}={v}' for k, v in point.items())})" if point else ""
+
+
+def _check_seeds(seeds, source: str) -> None:
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: 'seeds' has duplicates")
+
+
+def identity_hash(settings: dict) -> str:
+    """Stable 16-hex-digit hash of a settings dict, leaving out where the data lives."""
+    d = {k: v for k, v in settings.items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_id(settings: TrainSettings, threads: int | None = None) -> str:
+    """Stable 16-hex-digit identity of a run's resolved settings and, when given, of the torch
+    thread count it runs with (CPU kernels sum in another order with other thread counts, so
+    the results differ in the last digits: a sweep keeps runs at different counts apart)."""
+    d = settings.to_dict()
+    if threads is not None:
+        d["threads"] = threads
+    return identity_hash(d)
 
 
 def parse_config(d: dict, source: str = "config") -> SweepConfig:
@@ -98,10 +200,7 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
         if not isinstance(d.get(key), str) or not d[key]:
             raise ConfigError(f"{source}: '{key}' must be a non-empty string")
     seeds = d.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of non-negative integers")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{source}: 'seeds' has duplicates")
+    _check_seeds(seeds, source)
     fixed, grid = d.get("fixed", {}), d.get("grid", {})
     if not isinstance(fixed, dict) or not isinstance(grid, dict):
         raise ConfigError(f"{source}: [fixed] and [grid] must be tables")
@@ -117,7 +216,7 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
     if both:
         raise ConfigError(f"{source}: {', '.join(sorted(both))} both fixed and gridded")
     cfg = SweepConfig(d["name"], d["dataset"], seeds, fixed, grid, d.get("claim", {}), d.get("description", ""), source)
-    cfg.runs()  # validates every run now, before anything runs
+    cfg.check()  # every value and model now, before anything runs (run_sweep checks every run)
     return cfg
 
 

@@ -1,22 +1,30 @@
 """Running the runs of a sweep: one function per run, and the executors that call it.
 
-``execute_run`` trains one run. Given a store path it claims the run and writes each epoch as it
-finishes (the last one together with the final status); without one it returns everything, for
-executors whose workers cannot reach the store (Ray). Executors: ``local`` with 1 worker (in this
-process), ``local`` with N workers (N spawned processes, cores/N torch threads each), ``ray``.
+``execute_run`` trains one run. Given a store path it claims the run, renews its lease while it
+trains and writes each epoch as it finishes (the last one together with the final status);
+without one it returns everything, for executors whose workers cannot reach the store (Ray).
+Executors: ``local`` with 1 worker (in this process), ``local`` with N workers (N spawned
+processes, cores/N torch threads each, which end when the driver process ends, however it
+ends), ``ray``.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import socket
+import sys
+import threading
+import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from bnlab.errors import BnlabError, ConfigError
+from bnlab.experiments.store import DEFAULT_LEASE
 from bnlab.inspect import tracker_for
 
 _DATA_CACHE: dict = {}
@@ -49,6 +57,10 @@ def _datasets(settings):
     return _DATA_CACHE[key]
 
 
+class RunTakenOver(Exception):
+    """The run's lease expired and another process reran it: this process must stop writing it."""
+
+
 class _EpochSink:
     """Holds back the latest epoch so the last one lands with the run's final status."""
 
@@ -56,8 +68,8 @@ class _EpochSink:
         self.store, self.run_id, self.held, self.all = store, run_id, None, []
 
     def __call__(self, record):
-        if self.held is not None and self.store is not None:
-            self.store.add_epoch(self.run_id, self.held)
+        if self.held is not None and self.store is not None and not self.store.add_epoch(self.run_id, self.held):
+            raise RunTakenOver(self.run_id)
         self.held = dict(record)
         self.all.append(dict(record))
 
@@ -103,41 +115,52 @@ def train_with_extras(s, *, datasets, tensorboard: str | None = None, sweep: str
 
 
 def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
-                tensorboard: str | None = None, sweep: str = "") -> dict:
-    """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env}``."""
+                tensorboard: str | None = None, sweep: str = "", lease: float = DEFAULT_LEASE) -> dict:
+    """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env}``.
+
+    With a store, ``status`` is ``skipped`` when the run is finished or running elsewhere, and
+    ``lost`` when its lease expired while it ran and another process took it over (nothing more
+    is written for it here). ``lease``: seconds the store waits for a heartbeat of a running run.
+    """
     from bnlab.experiments.store import RunStore
     from bnlab.train import TrainSettings
 
     if threads:
         torch.set_num_threads(threads)
-    store = RunStore(store_path) if store_path else None
+    store = RunStore(store_path, lease=lease) if store_path else None
     env = environment()
+    lost = {"run_id": run_id, "status": "lost", "epochs": [],
+            "error": "its lease expired and another process took it over (see --lease)"}
     try:
         if store is not None and not store.claim(run_id, os.getpid(), env):
             return {"run_id": run_id, "status": "skipped"}
-        s = TrainSettings.from_dict(settings)
-        sink = _EpochSink(store, run_id)
-        tracker = None
-        try:
-            res, tracker, _ = train_with_extras(s, datasets=_datasets(s), tensorboard=tensorboard, sweep=sweep,
-                                                rid=run_id, on_epoch=sink)
-            status, error, stop = res.history.status, None, res.history.stop_reason
-        except BnlabError as e:
-            status, error, stop = "failed", str(e), None
-        except Exception:  # noqa: BLE001 - a failed run must not take the sweep down; the store keeps the traceback
-            status, error, stop = "failed", traceback.format_exc(limit=8), None
-        summary, activations = {}, []
-        if tracker is not None:
-            summary = tracker.summary()
-            activations = [(r["step"], r["layer"], {k: v for k, v in r.items() if k not in ("step", "layer")})
-                           for r in tracker.records]
-        out = {"run_id": run_id, "status": status, "epochs": sink.all, "error": error, "stop_reason": stop,
-               "summary": summary, "env": env, "activations": activations}
-        if store is not None:
-            if activations:
-                store.add_activations(run_id, activations)
-            store.finish(run_id, status, last_epochs=sink.tail(), error=error, stop_reason=stop, env=env,
-                         summary=summary)
+        with store.heartbeats() if store is not None else nullcontext():
+            s = TrainSettings.from_dict(settings)
+            sink = _EpochSink(store, run_id)
+            tracker = None
+            try:
+                res, tracker, _ = train_with_extras(s, datasets=_datasets(s), tensorboard=tensorboard, sweep=sweep,
+                                                    rid=run_id, on_epoch=sink)
+                status, error, stop = res.history.status, None, res.history.stop_reason
+            except RunTakenOver:
+                return lost
+            except BnlabError as e:
+                status, error, stop = "failed", str(e), None
+            except Exception:  # noqa: BLE001 - a failed run must not take the sweep down; the store keeps the traceback
+                status, error, stop = "failed", traceback.format_exc(limit=8), None
+            summary, activations = {}, []
+            if tracker is not None:
+                summary = tracker.summary()
+                activations = [(r["step"], r["layer"], {k: v for k, v in r.items() if k not in ("step", "layer")})
+                               for r in tracker.records]
+            out = {"run_id": run_id, "status": status, "epochs": sink.all, "error": error, "stop_reason": stop,
+                   "summary": summary, "env": env, "activations": activations}
+            if store is not None:
+                if activations and not store.add_activations(run_id, activations):
+                    return lost
+                if not store.finish(run_id, status, last_epochs=sink.tail(), error=error, stop_reason=stop, env=env,
+                                    summary=summary):
+                    return lost
         return out
     except BaseException:
         if store is not None:
@@ -148,6 +171,45 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             store.close()
 
 
+def watch_parent(parent_pid: int, interval: float = 0.5, on_gone=None) -> threading.Thread:
+    """Call ``on_gone`` (default: end this process at once) as soon as ``parent_pid`` is no longer
+    this process's parent, checked every ``interval`` seconds from a daemon thread.
+
+    A driver killed with SIGKILL cannot stop its workers; without this they would live on,
+    orphaned, holding runs. Their runs stay ``running`` with a dead pid, and the next sweep
+    reruns them."""
+    def gone():
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        (on_gone or gone)()
+
+    thread = threading.Thread(target=watch, name="bnlab-watch-driver", daemon=True)
+    thread.start()
+    return thread
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (the portable watchdog of
+    :func:`watch_parent` covers the rest, and the moment before this call)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_start(driver_pid: int) -> None:
+    """Initializer of each worker process of a local sweep: die with the driver."""
+    _die_with_parent()
+    watch_parent(driver_pid)
+
+
 @dataclass
 class Task:
     run_id: str
@@ -155,37 +217,60 @@ class Task:
     label: str
 
 
-def run_local(tasks: list[Task], store_path: str, workers: int, tensorboard: str | None, sweep: str, report,
-              threads: int | None = None) -> None:
-    """Run tasks here (1 worker) or in ``workers`` spawned processes sharing the store file, each
-    with ``threads`` torch threads (default: cores / workers)."""
+def run_local(tasks, store_path: str, workers: int, tensorboard: str | None, sweep: str, report,
+              threads: int | None = None, lease: float = DEFAULT_LEASE) -> None:
+    """Run tasks (any iterable, read as workers become free) here (1 worker) or in ``workers``
+    spawned processes sharing the store file, each with ``threads`` torch threads (default: cores
+    / workers). The worker processes end when this process ends, even when it is killed."""
     threads = threads or max(1, cpu_count() // workers)
     if workers == 1:
         old = torch.get_num_threads()
         try:
             for t in tasks:
                 report(t, execute_run(t.run_id, t.settings, store_path=store_path, threads=threads,
-                                      tensorboard=tensorboard, sweep=sweep))
+                                      tensorboard=tensorboard, sweep=sweep, lease=lease))
         finally:
             torch.set_num_threads(old)
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(execute_run, t.run_id, t.settings, store_path=store_path, threads=threads,
-                               tensorboard=tensorboard, sweep=sweep): t for t in tasks}
+    todo = iter(tasks)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_start,
+                             initargs=(os.getpid(),)) as pool:
+        pending: dict = {}
         broken = False
-        for fut in as_completed(futures):
-            t = futures[fut]
-            try:
-                report(t, fut.result())
-            except BrokenProcessPool:
-                broken = True
-                report(t, {"run_id": t.run_id, "status": "interrupted",
-                           "error": "a worker process died (killed?); rerun the sweep to resume"})
+
+        def submit_more():
+            # a few tasks ahead of the workers, not all of them: the tasks stay lazy
+            while len(pending) < 2 * workers:
+                t = next(todo, None)
+                if t is None:
+                    return
+                pending[pool.submit(execute_run, t.run_id, t.settings, store_path=store_path, threads=threads,
+                                    tensorboard=tensorboard, sweep=sweep, lease=lease)] = t
+
+        try:
+            submit_more()
+        except BrokenProcessPool:
+            broken = True
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                t = pending.pop(fut)
+                try:
+                    report(t, fut.result())
+                except BrokenProcessPool:
+                    broken = True
+                    report(t, {"run_id": t.run_id, "status": "interrupted",
+                               "error": "a worker process died (killed?); rerun the sweep to resume"})
+            if not broken:
+                try:
+                    submit_more()
+                except BrokenProcessPool:
+                    broken = True
         if broken:
             raise WorkerDied("a worker process died; finished runs are kept: run the same command again to resume")
 
@@ -196,9 +281,10 @@ class WorkerDied(BnlabError):
     exit_code = 1
 
 
-def run_ray(tasks: list[Task], store, address: str | None, tensorboard: str | None, sweep: str, report,
-            workers: int | None = None) -> None:
-    """Run tasks as Ray tasks; results come back to this process, which writes the store."""
+def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: str, report,
+            workers: int | None = None, threads: int = 1) -> None:
+    """Run tasks as Ray tasks (``threads`` torch threads each); results come back to this
+    process, which claims the runs, renews their leases and writes the store."""
     try:
         import ray
     except ImportError:
@@ -216,24 +302,27 @@ def run_ray(tasks: list[Task], store, address: str | None, tensorboard: str | No
             raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from None
     refs = {}
     try:
-        remote = ray.remote(num_cpus=1)(execute_run)
-        for t in tasks:
-            if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
-                continue
-            refs[remote.remote(t.run_id, t.settings, threads=1, tensorboard=tensorboard, sweep=sweep)] = t
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            t = refs[done[0]]
-            try:
-                out = ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - a lost worker or node fails that run only
-                out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
-            if out.get("activations"):
-                store.add_activations(t.run_id, out["activations"])
-            store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),
-                         stop_reason=out.get("stop_reason"), env=out.get("env"), summary=out.get("summary"))
-            report(t, out)
+        with store.heartbeats():  # this process owns the runs: it keeps their leases
+            remote = ray.remote(num_cpus=1)(execute_run)
+            for t in tasks:
+                if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
+                    continue
+                refs[remote.remote(t.run_id, t.settings, threads=threads, tensorboard=tensorboard, sweep=sweep)] = t
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                t = refs[done[0]]
+                try:
+                    out = ray.get(done[0])
+                except Exception as e:  # noqa: BLE001 - a lost worker or node fails that run only
+                    out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
+                if out.get("activations"):
+                    store.add_activations(t.run_id, out["activations"])
+                if not store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),
+                                    stop_reason=out.get("stop_reason"), env=out.get("env"), summary=out.get("summary")):
+                    out = {"run_id": t.run_id, "status": "lost", "epochs": [],
+                           "error": "its lease expired and another process took it over (see --lease)"}
+                report(t, out)
     except BaseException:
         for t in refs.values():
             if store.status(t.run_id) == "running":

@@ -1,26 +1,69 @@
-"""The sweep driver: expand a config, record it in the store, run what is not finished."""
+"""The sweep driver: check a config, record it in the store, run what is not finished."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bnlab.errors import ConfigError
-from bnlab.experiments.config import SweepConfig
-from bnlab.experiments.execute import Task, run_local, run_ray
-from bnlab.experiments.store import RunStore
+from bnlab.experiments.config import MAX_RUNS, NOT_IDENTITY, Run, SweepConfig, identity_hash, run_id
+from bnlab.experiments.execute import Task, cpu_count, run_local, run_ray
+from bnlab.experiments.store import DEFAULT_LEASE, FINISHED, RunStore
 
 EXECUTORS = ("local", "ray")
 
 
 @dataclass
 class SweepSummary:
+    """What a sweep did (``finished``: the runs that ended in this call) and where its runs
+    stand in the store afterwards (``counts``: runs of this config per status)."""
+
     name: str
     total: int
     skipped: int
-    finished: dict = field(default_factory=dict)  # run_id -> status
+    finished: dict = field(default_factory=dict)  # run_id -> status, for the runs that ended in this call
     seconds: float = 0.0
+    counts: dict = field(default_factory=dict)  # status -> runs of this config in the store at the end
+    running_elsewhere: list = field(default_factory=list)  # [{run_id, pid, host, ...}] owned by other processes
+    threads: int | None = None  # torch threads per run (part of each run's identity)
+    version: int | None = None  # the config's version in the store
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("failed", 0)
+
+    @property
+    def interrupted(self) -> int:
+        """Runs still queued: interrupted, or never started."""
+        return self.counts.get("queued", 0)
+
+    @property
+    def still_running(self) -> int:
+        """Runs still running in another process (this one left them alone)."""
+        return self.counts.get("running", 0)
+
+    @property
+    def complete(self) -> bool:
+        """Every run is done or diverged."""
+        return self.failed + self.interrupted + self.still_running == 0
+
+    def unfinished(self, store: str | Path) -> str:
+        """One line on the runs that are neither done nor diverged ("" when there are none)."""
+        parts = []
+        where = f"bnlab results --store {store} --sweep {self.name} --where status="
+        if self.failed:
+            parts.append(f"{self.failed} run(s) failed: see {where}failed")
+        if self.interrupted:
+            parts.append(f"{self.interrupted} run(s) interrupted or not started: run the same command again to "
+                         f"resume (see {where}queued)")
+        if self.still_running:
+            owners = ", ".join(f"pid {r['pid']} on host {r['host']}" for r in self.running_elsewhere[:3])
+            more = ", ..." if self.still_running > 3 else ""
+            parts.append(f"{self.still_running} run(s) still running in another process ({owners}{more}): run the "
+                         "same command again when it is done")
+        return "; ".join(parts)
 
 
 def describe(settings: dict, keys) -> str:
@@ -29,42 +72,64 @@ def describe(settings: dict, keys) -> str:
 
 def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: str = "local",
               ray_address: str | None = None, tensorboard: str | None = None, overrides: dict | None = None,
-              threads: int | None = None, log=print) -> SweepSummary:
+              threads: int | None = None, max_runs: int = MAX_RUNS, lease: float = DEFAULT_LEASE,
+              log=print) -> SweepSummary:
     """Run every run of ``cfg`` that the store does not have finished. Re-running resumes.
 
-    Each worker uses ``threads`` torch threads (default cores / workers). Runs are deterministic
-    for a given thread count; across thread counts, CPU matrix kernels sum in another order, so
-    losses agree to ~1e-7 relative rather than bit for bit (pass the same ``threads`` to get
-    bit-identical results from any number of workers).
+    Before the store is opened, every run is checked (:func:`check_runs`): a mistake anywhere in
+    the grid is a :class:`ConfigError` and nothing runs. A grid of more than ``max_runs`` runs is
+    refused; runs are expanded one at a time, never held all at once.
+
+    Threads and identity: each run uses ``threads`` torch threads (default: cores / workers for
+    ``local``, 1 for ``ray``). Runs are deterministic for a given thread count, but across thread
+    counts CPU kernels sum in another order, so results differ in the last digits (~1e-5 after an
+    epoch). The resolved thread count is therefore part of each run's identity (and of its stored
+    settings, as ``threads``): a resume with another thread count, say after changing
+    ``workers``, does not mix numerically different runs into one sweep; it runs them again at
+    the new count, and says so, naming the ``--threads`` value that resumes the finished ones.
+    Finished runs of an older bnlab (identity without the thread count) are resumed when the
+    thread count their environment recorded is the one this sweep uses.
+
+    Ownership: a running run is rerun when its owner is gone or its heartbeat is older than
+    ``lease`` seconds (see :mod:`bnlab.experiments.store`). The summary counts the runs left
+    failed, queued (interrupted) or running in another process.
     """
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads}")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}: choose local or ray")
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers}")
+    if not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1:
+        raise ConfigError(f"--max-runs must be a positive integer, got {max_runs}")
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
+        raise ConfigError(f"--lease must be a positive number of seconds, got {lease}")
+    threads = threads or (1 if executor == "ray" else max(1, cpu_count() // workers))
     if tensorboard:
         from bnlab.train.tensorboard import require_tensorboard
 
         require_tensorboard()
-    runs = cfg.runs(overrides)
-    unique = {r.run_id: r for r in runs}
-    check_data(runs)
-    store = RunStore(store_path)
+    check_runs(cfg, overrides, max_runs)
+    store = RunStore(store_path, lease=lease)
     t0 = time.perf_counter()
     try:
-        store.add_sweep(cfg.name, cfg.to_dict(), unique.values())
-        reset = store.reset_stale(set(unique))
+        adopt = _legacy_adopter(store, threads)
+        runs = (adopt(r) for r in cfg.iter_runs(overrides, threads))
+        version = store.add_sweep(cfg.name, sweep_record(cfg, overrides, threads), runs)
+        _log_other_thread_counts(store, cfg.name, version, threads, log)
+        reset = store.reset_stale(sweep=cfg.name, version=version)
         if reset:
             log(f"{len(reset)} interrupted run(s) will run again from scratch")
-        todo = [r for r in unique.values() if store.status(r.run_id) not in ("done", "diverged")]
-        summary = SweepSummary(cfg.name, len(unique), len(unique) - len(todo))
+        counts = store.version_counts(cfg.name, version)
+        total = sum(counts.values())
+        finished = sum(counts.get(s, 0) for s in FINISHED)
+        summary = SweepSummary(cfg.name, total, finished, threads=threads, version=version)
         if summary.skipped:
-            log(f"{summary.skipped} of {len(unique)} run(s) already finished in {store_path}: skipped")
+            log(f"{summary.skipped} of {total} run(s) already finished in {store_path}: skipped")
         keys = cfg.grid_keys() + ["seed"]
-        tasks = [Task(r.run_id, r.settings.to_dict(), describe(r.settings.to_dict(), keys)) for r in todo]
-        if tasks:
-            log(f"running {len(tasks)} run(s) of sweep {cfg.name!r} with {executor} executor, {workers} worker(s)")
+        if total > finished:
+            log(f"running {total - finished} run(s) of sweep {cfg.name!r} with {executor} executor, "
+                f"{workers} worker(s), {threads} thread(s) each")
 
             def report(task, out):
                 summary.finished[task.run_id] = out["status"]
@@ -72,16 +137,74 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
                 metric = f" test_acc {final['test_acc']:.4f}" if final.get("test_acc") is not None else ""
                 err = f" ({out['error'].strip().splitlines()[-1]})" if out.get("error") else ""
                 done = summary.skipped + len(summary.finished)
-                log(f"[{done}/{len(unique)}] {out['status']:<8} {task.label}{metric}{err}")
+                log(f"[{done}/{total}] {out['status']:<8} {task.label}{metric}{err}")
 
+            tasks = _unfinished_tasks(store, cfg.name, version, keys)
             if executor == "ray":
-                run_ray(tasks, store, ray_address, tensorboard, cfg.name, report, workers)
+                run_ray(tasks, store, ray_address, tensorboard, cfg.name, report, workers, threads)
             else:
-                run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report, threads)
+                run_local(tasks, str(store_path), workers, tensorboard, cfg.name, report, threads, lease)
+        summary.counts = store.version_counts(cfg.name, version)
+        summary.running_elsewhere = store.running(cfg.name, version)
         summary.seconds = time.perf_counter() - t0
         return summary
     finally:
         store.close()
+
+
+def sweep_record(cfg: SweepConfig, overrides: dict | None, threads: int) -> dict:
+    """The config as the store versions it: the sweep config, the torch threads of its runs and
+    any override that changes their identity (``data_dir`` does not)."""
+    record = {**cfg.to_dict(), "threads": threads}
+    changed = {k: v for k, v in (overrides or {}).items() if k not in NOT_IDENTITY}
+    if changed:
+        record["overrides"] = changed
+    return record
+
+
+def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = MAX_RUNS) -> None:
+    """Find every mistake in a sweep before anything runs or is written: more than ``max_runs``
+    runs (counted without expanding the grid), a bad value or combination in any run, a dataset
+    that cannot be found, a network that does not build for its dataset's inputs (each distinct
+    network built once)."""
+    n = cfg.size()
+    if n > max_runs:
+        raise ConfigError(f"sweep {cfg.name!r} has {n:,} runs ({cfg.size_text()}), more than the limit of "
+                          f"{max_runs:,}: shrink the grid, or pass --max-runs {n} to run them all")
+    cfg.check(overrides)
+    data: dict = {}
+    nets: dict = {}
+    for run in cfg.iter_runs(overrides):
+        s = run.settings
+        where = (s.dataset, s.data_dir, s.image_size, s.channels)
+        data.setdefault(where, run)
+        nets.setdefault((where, s.model, s.bn, s.norm, s.bn_impl, s.activation, s.dropout, s.virtual_batch_size), run)
+    check_data(data.values())
+    shapes = {where: _input_shape(*where) for where in data}
+    import torch
+
+    from bnlab.models import build
+
+    for (where, *_), run in nets.items():
+        s = run.settings
+        input_shape, classes = shapes[where]
+        try:
+            with torch.device("meta"):  # shapes only: no memory for the weights, however large
+                build(s.model, input_shape=input_shape, num_classes=classes, bn=s.bn, norm=s.norm, bn_impl=s.bn_impl,
+                      activation=s.activation, dropout=s.dropout, virtual_batch_size=s.virtual_batch_size)
+        except ConfigError as e:
+            point = {"model": s.model, "bn": s.bn, **{k: getattr(s, k) for k in cfg.grid_keys()}}
+            raise ConfigError(f"sweep {cfg.name!r} ({', '.join(f'{k}={v}' for k, v in point.items())}): "
+                              f"{e}") from None
+
+
+def _input_shape(dataset: str, data_dir, image_size, channels) -> tuple[tuple, int]:
+    """``(input shape, classes)`` of a dataset, from its test split (the smaller one)."""
+    from bnlab.data import load
+
+    opts = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if v is not None}
+    ds = load(dataset, "test", data_dir, **opts)
+    return tuple(ds.input_shape), ds.num_classes
 
 
 def check_data(runs) -> None:
@@ -95,3 +218,47 @@ def check_data(runs) -> None:
             find(dataset, data_dir)
         elif src.needs_files and (data_dir is None or not Path(data_dir).is_dir()):
             raise DataNotFoundError(f"{dataset} needs --data-dir: {src.missing_hint}")
+
+
+def _legacy_adopter(store: RunStore, threads: int):
+    """Map a run to the finished run an older bnlab stored for the same settings at the same
+    thread count (its id has no thread count in it), when there is one; else leave it."""
+    legacy = {rid: t for rid, t in store.legacy_finished().items() if t == threads}
+
+    def adopt(run: Run) -> Run:
+        if legacy:
+            old = run_id(run.settings)
+            if old in legacy:
+                return Run(old, run.settings, run.threads)
+        return run
+
+    return adopt
+
+
+def _log_other_thread_counts(store: RunStore, name: str, version: int, threads: int, log) -> None:
+    """Say so when runs this sweep is about to run were finished before at another thread count."""
+    other: dict[str, int] = {}
+    for _, settings, env_threads in store.finished_runs(name):
+        t = settings.pop("threads", None) or env_threads
+        if t is not None and t != threads:
+            other[identity_hash(settings)] = t
+    if not other:
+        return
+    found = Counter()
+    for _, settings in store.version_runs(name, version, unfinished=True):
+        settings.pop("threads", None)
+        t = other.get(identity_hash(settings))
+        if t is not None:
+            found[t] += 1
+    for t, n in sorted(found.items()):
+        log(f"{n} run(s) of sweep {name!r} finished with {t} thread(s); this sweep uses {threads} thread(s) per "
+            f"worker, which gives slightly different numbers, so they run again: pass --threads {t} to resume them "
+            "instead")
+
+
+def _unfinished_tasks(store: RunStore, name: str, version: int, keys):
+    """The tasks of the runs of this config that the store does not have finished, read from the
+    store a chunk at a time (the settings without ``threads``, which is not a training setting)."""
+    for rid, settings in store.version_runs(name, version, unfinished=True):
+        settings.pop("threads", None)
+        yield Task(rid, settings, describe(settings, keys))
