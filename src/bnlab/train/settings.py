@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -142,13 +143,25 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
+@functools.cache
+def _fields() -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(TrainSettings) if f.name != "extra")
+
+
 def settings_fields() -> list[dataclasses.Field]:
     """The declared settings of :class:`TrainSettings`, in order (``extra`` is not a setting)."""
-    return [f for f in dataclasses.fields(TrainSettings) if f.name != "extra"]
+    return list(_fields())
+
+
+@functools.cache
+def _types() -> dict[str, tuple[type, bool]]:
+    out = {}
+    for name, hint in typing.get_type_hints(TrainSettings).items():  # slow: read once, not per validate()
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = ((args[0] if args else hint), bool(typing.get_args(hint)))
+    return out
 
 
 def setting_type(f: dataclasses.Field) -> tuple[type, bool]:
     """``(int|float|str|bool, optional)`` of a setting, from its annotation."""
-    hint = typing.get_type_hints(TrainSettings)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (args[0] if args else hint), bool(typing.get_args(hint))
+    return _types()[f.name]
