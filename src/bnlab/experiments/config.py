@@ -39,7 +39,7 @@ from bnlab._toml import read_toml
 from bnlab.errors import ConfigError
 from bnlab.train.settings import TrainSettings
 
-CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description", "track"}
+CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description"}
 # settings that describe where data lives, not what the run is: left out of the run's identity
 NOT_IDENTITY = {"data_dir"}
 # a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)

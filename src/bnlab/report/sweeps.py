@@ -159,11 +159,11 @@ def curves_by(store: RunStore, sweep: str, group_by: list[str], metric: str = "t
 
 def plot_sweep(store: RunStore, sweep: str, path: str | Path, metric: str = "test_acc",
                group_by: list[str] | None = None, where=None) -> Path:
-    from bnlab.report.plots import learning_curves
+    from bnlab.report.plots import learning_curves, metric_name
 
     series = curves_by(store, sweep, group_by or [], metric, where)
-    return learning_curves(series, path, metric,
-                           title=f"{sweep}: {metric}\nmean over seeds; band: min-max for 2 seeds, ±1 std for 3+")
+    return learning_curves(series, path, metric, title=f"{sweep}: {metric_name(metric)}\n"
+                                                       "mean over seeds; band: min-max for 2 seeds, ±1 std for 3+")
 
 
 def _img(path: Path) -> str:

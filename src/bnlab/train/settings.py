@@ -57,7 +57,7 @@ class TrainSettings:
     dropout: float | None = setting(None, "override the probability of the network's dropout layers",
                                     minimum=0.0, below=1.0)
     optimizer: str = setting("adam", "the optimizer", choices=OPTIMIZERS)
-    lr: float = setting(0.01, "learning rate (the peak of the schedule)", below=math.inf)
+    lr: float = setting(0.01, "learning rate (the peak of the schedule), above 0")
     schedule: str = setting("constant", "learning-rate schedule per step", choices=SCHEDULES)
     momentum: float = setting(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
     weight_decay: float = setting(0.0, "L2 weight decay (adamw: decoupled; 0 means adamw's 0.01)", minimum=0.0)
