@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import bnlab.nn as n; print('bnlab BN backend:', n.backend_name())"
 	touch $(STAMP)
 
+# System packages from Debian: the Fashion-MNIST files (the offline default data) and chromium
+# (the test suite opens report.html in it through Playwright; no browser download is possible).
+APT_PKGS := $(if $(wildcard $(FMNIST)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium)
+
 data:
-	@if [ -f $(FMNIST) ]; then :; \
+	@if [ -z "$(strip $(APT_PKGS))" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian package dataset-fashion-mnist"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  echo "installing Debian packages: $(strip $(APT_PKGS))"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	else \
-	  echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist'" \
-	       "or '$(BIN)/bnlab data fetch fashion-mnist' (needs network)"; \
+	  echo "missing Debian packages: run 'sudo apt-get install $(strip $(APT_PKGS))'" \
+	       "(Fashion-MNIST also: '$(BIN)/bnlab data fetch fashion-mnist', needs network)"; \
 	fi
 
 demo: setup

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bnlab.train import TrainSettings, load_data, train
+from bnlab.train import Callback, TrainSettings, load_data, train
 
 RECIPE = dict(dataset="fashion-mnist", model="fast-cnn", bn="before", optimizer="adam", lr=0.01,
               schedule="onecycle", batch_size=128, epochs=4, standardize="zscore")
@@ -34,10 +34,12 @@ def main(argv=None):
         start = time.perf_counter()
         curve = []
 
-        def on_epoch(r, curve=curve, start=start):
-            curve.append({"epoch": r["epoch"], "test_acc": r["test_acc"], "elapsed": time.perf_counter() - start})
+        class Curve(Callback):
+            def on_epoch_end(self, state, curve=curve, start=start):
+                r = state.history.epochs[-1]
+                curve.append({"epoch": r["epoch"], "test_acc": r["test_acc"], "elapsed": time.perf_counter() - start})
 
-        train(TrainSettings(**RECIPE, seed=seed), datasets=data, on_epoch=on_epoch, progress=False)
+        train(TrainSettings(**RECIPE, seed=seed), datasets=data, callbacks=[Curve()], progress=False)
         hit = next((c for c in curve if c["test_acc"] >= args.target), None)
         runs.append({"seed": seed, "curve": curve, "seconds_to_target": hit["elapsed"] if hit else None,
                      "final_test_acc": curve[-1]["test_acc"]})

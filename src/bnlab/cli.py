@@ -149,27 +149,25 @@ def settings_from_args(args):
     return TrainSettings(**{f.name: getattr(args, f.name) for f in settings_fields()}).validate()
 
 
-def _epoch_line(r: dict) -> str:
-    test = f"  test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}" if "test_acc" in r else ""
-    return f"epoch {r['epoch']:>3}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test}  {r['seconds']:.1f}s"
-
-
 def cmd_train(args) -> int:
-    from bnlab.experiments.execute import train_with_extras
-    from bnlab.train import load_data
+    from bnlab.train import EpochPrinter, load_data, train
+    from bnlab.train.run import describe
 
     s = settings_from_args(args)
-    on_epoch = None if args.json else (lambda r: print(_epoch_line(r), flush=True))
-    res, tracker, tb = train_with_extras(s, datasets=load_data(s), tensorboard=args.tensorboard, on_epoch=on_epoch,
-                                         progress=False if (args.quiet or args.json) else None,
-                                         checkpoint=args.checkpoint)
-    h = res.history
-    out = {"status": h.status, "settings": s.to_dict(), "epochs": h.epochs, "steps": h.steps,
-           "stop_reason": h.stop_reason, "checkpoint": args.checkpoint}
+    data = load_data(s)
+    if not args.json:
+        print(describe(s, *data), flush=True)
+    res = train(s, datasets=data, callbacks=[] if args.json else [EpochPrinter()],
+                progress=False if (args.quiet or args.json) else None, checkpoint=args.output,
+                tensorboard=args.tensorboard)
+    h, tracker = res.history, res.tracker
+    out = {"status": h.status, "settings": s.to_dict(), "data": {"train": len(data[0]), "test": len(data[1]),
+                                                                 "location": data[0].source},
+           "epochs": h.epochs, "steps": h.steps, "stop_reason": h.stop_reason, "checkpoint": args.output}
     if tracker is not None:
         out["activations"] = tracker.summary()
-    if tb is not None:
-        out["tensorboard"] = str(tb.dir)
+    if res.tensorboard is not None:
+        out["tensorboard"] = str(res.tensorboard)
     if args.json:
         print(json.dumps(_finite(out)))
         return 0
@@ -184,10 +182,10 @@ def cmd_train(args) -> int:
         print(f"done: {len(h.epochs)} epoch(s), {h.steps} steps, final train acc {final['train_acc']:.4f}, "
               f"test acc {final.get('test_acc', float('nan')):.4f}, {sum(e['seconds'] for e in h.epochs):.1f}s"
               + (f" ({h.stop_reason})" if h.stop_reason else ""))
-    if args.checkpoint:
-        print(f"checkpoint written to {args.checkpoint}")
-    if tb is not None:
-        print(f"TensorBoard events in {tb.dir} (tensorboard --logdir {args.tensorboard})")
+    if args.output:
+        print(f"checkpoint written to {args.output}")
+    if res.tensorboard is not None:
+        print(f"TensorBoard events in {res.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 
@@ -198,18 +196,18 @@ def cmd_evaluate(args) -> int:
     (data,) = _checkpoint_data(ck, args, (args.split,))
     name = data.name
     rep = evaluate(ck.model, data)
-    if args.confusion:
+    if args.output:
         from bnlab.report.plots import confusion_matrix, run_title
 
-        confusion_matrix(rep["confusion"], data.classes, args.confusion,
+        confusion_matrix(rep["confusion"], data.classes, args.output,
                          title=f"{run_title(ck.settings)}\non {name} {args.split}: accuracy {rep['accuracy']:.4f}")
-        rep["confusion_png"] = args.confusion
+        rep["confusion_png"] = args.output
     if args.json:
         _print_json(rep)
     else:
         print(format_evaluation(rep))
-        if args.confusion:
-            print(f"wrote {args.confusion}")
+        if args.output:
+            print(f"wrote {args.output}")
     return 0
 
 
@@ -245,9 +243,9 @@ def cmd_sweep(args) -> int:
     """Exit status: 0 when every run is done or diverged; 1 when a run failed or was interrupted
     (a line on stderr says which and how to see them); 3 when the only unfinished runs are still
     running in another process (run the command again later); 2 on an error, before any run."""
-    from bnlab.experiments import load_config, run_sweep
+    from bnlab.experiments import load_config, parse_sets, run_sweep
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config).override(parse_sets(args.set))
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     summary = run_sweep(cfg, args.store, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
@@ -271,6 +269,42 @@ def cmd_sweep(args) -> int:
     return status
 
 
+def _by_list(text: str | None) -> list[str] | None:
+    return [g.strip() for g in text.split(",") if g.strip()] if text else None
+
+
+def cmd_recipes_list(args) -> int:
+    from bnlab.experiments import load_recipe, recipe_names
+
+    rows = []
+    for name in recipe_names():
+        cfg = load_recipe(name)
+        rows.append({"name": name, "sweep": cfg.name, "dataset": cfg.dataset, "runs": cfg.size(),
+                     "grid": cfg.grid, "description": cfg.description, "claim": cfg.claim.get("text", "")})
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        grid = ", ".join(f"{k} {v}" for k, v in r["grid"].items()) or "no grid"
+        print(f"{r['name']:<11} {r['description'] or r['sweep']}\n{'':<11} {r['dataset']}; {grid}; {r['runs']} runs")
+    print("\nrun one: bnlab sweep NAME (try --set epochs=1), or bnlab reproduce NAME; "
+          "edit a copy: bnlab recipes show NAME > mine.toml")
+    return 0
+
+
+def cmd_recipes_show(args) -> int:
+    from bnlab.experiments.config import recipe_path
+
+    path = recipe_path(args.name)
+    if args.json:
+        from bnlab.experiments import load_recipe
+
+        _print_json({"name": args.name, "path": str(path), **load_recipe(args.name).to_dict()})
+    else:
+        sys.stdout.write(path.read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_results(args) -> int:
     from bnlab.report.sweeps import results_table
 
@@ -288,8 +322,7 @@ def cmd_results(args) -> int:
                 print(f"  {sw['name']:<30} {sw['finished']}/{sw['runs']} runs finished")
             return 0
         fmt = "json" if args.json else args.format
-        group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
-        print(results_table(store, args.sweep, args.where, args.sort, group_by, fmt))
+        print(results_table(store, args.sweep, args.where, args.sort, _by_list(args.by), fmt))
     return 0
 
 
@@ -314,9 +347,8 @@ def cmd_compare(args) -> int:
 def cmd_plot(args) -> int:
     from bnlab.report.sweeps import plot_sweep
 
-    group_by = [g.strip() for g in args.group_by.split(",")] if args.group_by else None
     with _store(args) as store:
-        path = plot_sweep(store, args.sweep, args.output, args.metric, group_by, args.where)
+        path = plot_sweep(store, args.sweep, args.output, args.metric, _by_list(args.by), args.where)
     print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
     return 0
 
@@ -408,10 +440,11 @@ def cmd_fold(args) -> int:
 def cmd_plot_activations(args) -> int:
     from bnlab.report.plots import activation_percentiles, run_title
 
-    if (args.run is None) == (args.checkpoint is None):
+    checkpoint = args.checkpoint or args.checkpoint_option
+    if (args.run is None) == (checkpoint is None):
         from bnlab.errors import ConfigError
 
-        raise ConfigError("give either --run ID (a sweep run in --store) or --checkpoint CKPT")
+        raise ConfigError("give either a checkpoint (bnlab plot-activations CKPT) or --run ID (a sweep run in --store)")
     if args.run is not None:
         with _store(args) as store:
             rid = store.find_run(args.run)
@@ -421,9 +454,9 @@ def cmd_plot_activations(args) -> int:
     else:
         from bnlab.train import load_checkpoint
 
-        ck = load_checkpoint(args.checkpoint)
+        ck = load_checkpoint(checkpoint)
         records = ck.extra.get("activations", [])
-        title = f"{run_title(ck.settings)} ({args.checkpoint})"
+        title = f"{run_title(ck.settings)} ({checkpoint})"
     path = activation_percentiles(records, args.output, args.layer, title)
     print(json.dumps({"output": str(path)}) if args.json else f"wrote {path}")
     return 0
@@ -438,7 +471,7 @@ def cmd_reproduce(args) -> int:
     cfg, c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
                        data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log)
     with RunStore(args.store) as store:
-        figure = reproduction_figure(store, cfg, args.figure or f"{cfg.name}-fig1.png")
+        figure = reproduction_figure(store, cfg, args.output or f"{cfg.name}-fig1.png")
     if figure is not None:
         c["figure"] = str(figure)
     if args.json:
@@ -454,31 +487,37 @@ def cmd_reproduce(args) -> int:
 def cmd_demo(args) -> int:
     """A reduced deeplizard BN-vs-no-BN sweep: results table, verdict, curves.png, report.html."""
     from bnlab.data import info, load
-    from bnlab.experiments.reproduce import comparison
-    from bnlab.report.reproductions import format_comparison
-    from bnlab.experiments import RunStore, SweepConfig, run_sweep
-    from bnlab.experiments.reproduce import adapt, load_recipe
+    from bnlab.experiments import RunStore, load_recipe, run_sweep
+    from bnlab.experiments.reproduce import adapt, comparison
     from bnlab.report.plots import sample_grid
+    from bnlab.report.reproductions import format_comparison
     from bnlab.report.sweeps import html_report, plot_sweep, results_table
 
-    out = args.out
+    say = (lambda *a: None) if args.json else print
+    out = args.output
     d = info("fashion-mnist", args.data_dir)
-    print(f"fashion-mnist: train {d['train']}, test {d['test']}, shape {tuple(d['input_shape'])}, "
-          f"train mean {d['mean'][0]:.4f}, std {d['std'][0]:.4f} ({d['location']})")
-    print(f"wrote {sample_grid(load('fashion-mnist', 'train', args.data_dir), f'{out}/fashion-mnist-grid.png')}")
-    cfg: SweepConfig = adapt(load_recipe("deeplizard"), epochs=args.epochs, seeds=args.seeds)
+    say(f"fashion-mnist: train {d['train']}, test {d['test']}, shape {tuple(d['input_shape'])}, "
+        f"train mean {d['mean'][0]:.4f}, std {d['std'][0]:.4f} ({d['location']})")
+    grid = sample_grid(load("fashion-mnist", "train", args.data_dir), f"{out}/fashion-mnist-grid.png")
+    say(f"wrote {grid}")
+    cfg = adapt(load_recipe("deeplizard"), epochs=args.epochs, seeds=args.seeds)
     store_path = f"{out}/bnlab.db"
-    print(f"\nsweep {cfg.name}: deeplizard-cnn with bn=none and bn=tutorial, {args.epochs} epochs, "
-          f"{args.seeds} seeds, Adam lr 0.01, batch 1000 ({args.workers} workers)")
-    run_sweep(cfg, store_path, workers=args.workers, overrides={"data_dir": args.data_dir} if args.data_dir else None)
+    say(f"\nsweep {cfg.name}: deeplizard-cnn with bn=none and bn=tutorial, {args.epochs} epochs, "
+        f"{args.seeds} seeds, Adam lr 0.01, batch 1000 ({args.workers} workers)")
+    run_sweep(cfg, store_path, workers=args.workers, overrides={"data_dir": args.data_dir} if args.data_dir else None,
+              log=(lambda m: None) if args.json else print)
     with RunStore(store_path) as store:
-        print()
-        print(results_table(store, cfg.name, sort="test_acc"))
-        print()
-        print(format_comparison(comparison(store, cfg)))
+        c = comparison(store, cfg)
+        say()
+        say(results_table(store, cfg.name, sort="test_acc"))
+        say()
+        say(format_comparison(c))
         curves = plot_sweep(store, cfg.name, f"{out}/curves.png", "test_acc", ["bn"])
         report = html_report(store, cfg.name, f"{out}/report.html", "bn")
-    print(f"\nwrote {curves} and {report}; the full 20-epoch, 3-seed run: bnlab reproduce deeplizard --workers 2")
+    if args.json:
+        print(json.dumps(_finite({"dataset": d, "sweep": cfg.name, "store": store_path, "comparison": c,
+                                  "files": [str(grid), str(curves), str(report)]}), indent=2))
+    say(f"\nwrote {curves} and {report}; the full 20-epoch, 3-seed run: bnlab reproduce deeplizard --workers 2")
     return 0
 
 
@@ -519,10 +558,27 @@ def _add_settings_options(p, only=None) -> None:
                        help=m["help"] + default)
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the help already names it)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (action.option_strings and "default" not in h and h is not argparse.SUPPRESS
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            h += " (default %(default)s)"
+        return h
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bnlab import __version__
 
-    parser = argparse.ArgumentParser(prog="bnlab", description="A batch-normalization laboratory on PyTorch.")
+    parser = _Parser(prog="bnlab", description="A batch-normalization laboratory on PyTorch.")
     parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -542,9 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     _add_image_options(p)
     p.add_argument("-o", "--output", default="grid.png", help="PNG file to write (default grid.png)")
-    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--split", default="train", choices=("train", "test"), help="the split to draw from")
     p.add_argument("-n", type=int, default=36, help="number of images (default 36)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which images (a random draw)")
     _add_json(p)
     p.set_defaults(func=cmd_data_show)
     p = dsub.add_parser("fetch", help="download mnist or fashion-mnist with MD5 verification")
@@ -570,9 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_models_show)
 
-    p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics")
+    p = sub.add_parser("train", help="train one network and report per-epoch train/test metrics",
+                       description="Train one network; prints the effective settings first, then one line per "
+                                   "epoch. Every option below is a setting of bnlab.train.TrainSettings.")
     _add_settings_options(p)
-    p.add_argument("--checkpoint", help="write the trained network here (.pt)")
+    p.add_argument("-o", "--output", "--checkpoint", dest="output", metavar="CKPT",
+                   help="write the trained network here (.pt)")
     p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files under DIR/train/<run id>")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -582,8 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--dataset", help="default: the dataset it was trained on")
     _add_data_dir(p)
-    p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--confusion", help="write the confusion matrix as a PNG")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="the split to evaluate on")
+    p.add_argument("-o", "--output", "--confusion", dest="output", metavar="PNG",
+                   help="write the confusion matrix as a PNG")
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -593,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+",
                    help="image files, directories (their image files, not recursive) or quoted glob patterns")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
     p.add_argument("--invert", nargs="?", const="yes", default="auto", choices=("auto", "yes", "no"),
                    help="invert pixel values (dark objects on a light background, for MNIST-style models); "
                         "auto (default): when the picture's border is light and the training images are dark; "
@@ -614,11 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
     from bnlab.experiments.config import MAX_RUNS
     from bnlab.experiments.store import DEFAULT_LEASE
 
-    p.add_argument("config", help="sweep config .toml (see experiments/)")
+    p.add_argument("config", help="a recipe's name (bnlab recipes list) or a sweep config .toml")
     add_store(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a setting for this sweep, e.g. --set epochs=1 --set train_limit=10000 (repeatable; "
+                        "a gridded setting becomes fixed; --set seeds=[0,1]); recorded in the stored config")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (torch threads = cores / N)")
     p.add_argument("--threads", type=int, help="torch threads per worker (same value = bit-identical results)")
-    p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--executor", default="local", choices=("local", "ray"), help="where runs execute")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
     p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files per run under DIR")
     _add_data_dir(p)
@@ -637,35 +700,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every run in the store")
     p.add_argument("--where", help='filter, e.g. "bn=after,lr=0.01"')
     p.add_argument("--sort", default="test_acc", help="column to sort by (default test_acc, best first)")
-    p.add_argument("--group-by", help="e.g. model,bn: mean, std and 95%% CI over seeds")
+    p.add_argument("--by", "--group-by", dest="by", metavar="SETTINGS",
+                   help="group by these settings, e.g. model,bn: mean, std and 95%% CI over seeds")
     p.add_argument("--format", default="table", choices=("table", "csv", "json"))
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("compare", help="the effect of one setting, with a Welch t-test over seeds")
     add_store(p)
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", required=True, help="sweep name (bnlab results lists them)")
     p.add_argument("--by", required=True, help="the setting to compare, e.g. bn")
-    p.add_argument("--metric", default="test_acc")
+    p.add_argument("--metric", default="test_acc", help="train_acc, test_acc, train_loss or test_loss")
     p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
     _add_json(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="learning curves of a sweep: mean over seeds with a band")
     add_store(p)
-    p.add_argument("--sweep", required=True)
-    p.add_argument("--metric", default="test_acc")
-    p.add_argument("--group-by", help="curves per value of these settings (default: the gridded ones)")
+    p.add_argument("--sweep", required=True, help="sweep name (bnlab results lists them)")
+    p.add_argument("--metric", default="test_acc", help="train_acc, test_acc, train_loss or test_loss")
+    p.add_argument("--by", "--group-by", dest="by", metavar="SETTINGS",
+                   help="one curve per value of these settings (default: the gridded ones)")
     p.add_argument("--where", help='restrict to runs matching, e.g. "lr=0.01"')
-    p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("-o", "--output", default="curves.png", help="PNG file to write")
     _add_json(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="one self-contained HTML report of a sweep")
     add_store(p)
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", required=True, help="sweep name (bnlab results lists them)")
     p.add_argument("--by", help="setting whose effect to test (default: the first gridded one)")
-    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     _add_json(p)
     p.set_defaults(func=cmd_report)
 
@@ -693,36 +758,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot-activations", help="percentiles of tracked layer inputs over training")
     add_store(p)
-    p.add_argument("--run", help="run id (or a unique prefix) from `bnlab results`")
-    p.add_argument("--checkpoint", help="a checkpoint trained with --track-activations")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint trained with --track-activations")
+    p.add_argument("--checkpoint", dest="checkpoint_option", help=argparse.SUPPRESS)  # the older spelling
+    p.add_argument("--run", help="instead of a checkpoint: a sweep run id (or unique prefix) from `bnlab results`")
     p.add_argument("--layer", help="one layer (e.g. 9 or 9:Sigmoid); default: every tracked layer")
-    p.add_argument("-o", "--output", default="ics.png")
+    p.add_argument("-o", "--output", default="ics.png", help="PNG file to write")
     _add_json(p)
     p.set_defaults(func=cmd_plot_activations)
 
     from bnlab.experiments.reproduce import recipe_names
 
     p = sub.add_parser("reproduce", help="rerun a tutorial's experiment and show it next to the tutorial's claim")
-    p.add_argument("name", choices=recipe_names())
+    p.add_argument("name", help=f"the recipe: {', '.join(recipe_names())}")
     add_store(p)
     p.add_argument("--epochs", type=int, help="fewer (or more) epochs than the recipe")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the recipe's)")
     p.add_argument("--dataset", help="run the recipe on another dataset (e.g. fashion-mnist when MNIST is absent)")
     _add_data_dir(p)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--executor", default="local", choices=("local", "ray"))
-    p.add_argument("--figure", help="ioffe: where to write the Fig. 1 trio (default <sweep>-fig1.png)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--executor", default="local", choices=("local", "ray"), help="where runs execute")
+    p.add_argument("-o", "--output", "--figure", dest="output", metavar="PNG",
+                   help="ioffe: where to write the Fig. 1 trio (default <sweep>-fig1.png)")
+    p.add_argument("--quiet", action="store_true", help="no per-run lines")
     _add_json(p)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the main job on the offline default data (what `make demo` runs)")
     _add_data_dir(p)
-    p.add_argument("--out", default="out/demo", help="directory for the demo's files")
+    p.add_argument("-o", "--output", "--out", dest="output", default="out/demo", metavar="DIR",
+                   help="directory for the demo's files")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per setting (default 2)")
     p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
+    _add_json(p)
     p.set_defaults(func=cmd_demo)
+
+    recipes = sub.add_parser("recipes", help="the sweep configs shipped with bnlab (run one: bnlab sweep NAME)")
+    rsub = recipes.add_subparsers(dest="recipes_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("list", help="each recipe with its dataset, grid and size")
+    _add_json(p)
+    p.set_defaults(func=cmd_recipes_list)
+    p = rsub.add_parser("show", help="print a recipe's TOML (a starting point for your own config)")
+    p.add_argument("name", help="a recipe's name")
+    _add_json(p)
+    p.set_defaults(func=cmd_recipes_show)
     return parser
 
 

@@ -38,3 +38,11 @@ class DownloadError(DataError):
 
 class CheckpointError(BnlabError):
     """A checkpoint file is missing, corrupt or not a bnlab checkpoint."""
+
+
+def suggest(value, options) -> str:
+    """``"; did you mean 'x'?"`` for a near miss of ``value`` among ``options``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -309,7 +309,7 @@ def test_reproduce_recipes_parse_and_adapt():
     small = adapt(load_recipe("deeplizard"), epochs=2, seeds=1)
     assert small.name == "deeplizard-e2-s1" and [r.settings.epochs for r in small.runs()] == [2, 2]
     assert {r.settings.bn for r in small.runs()} == {"none", "tutorial"}
-    with pytest.raises(ConfigError, match="unknown reproduction"):
+    with pytest.raises(ConfigError, match="no recipe named .nope."):
         load_recipe("nope")
 
 

@@ -209,14 +209,14 @@ def test_heartbeats_renew_the_lease_and_a_taken_run_is_not_written(tmp_path):
 def test_failed_runs_make_the_sweep_exit_1_and_say_where_to_look(tmp_path, capsys, monkeypatch):
     import bnlab.experiments.execute as ex
 
-    real = ex.train_with_extras
+    real = ex.train
 
     def flaky(s, **kw):
         if s.bn == "after":
             raise RuntimeError("out of luck")
         return real(s, **kw)
 
-    monkeypatch.setattr(ex, "train_with_extras", flaky)
+    monkeypatch.setattr(ex, "train", flaky)
     p = write_config(tmp_path / "c.toml")
     db = str(tmp_path / "s.db")
     assert main(["sweep", str(p), "--store", db, "--quiet", "--json"]) == 1

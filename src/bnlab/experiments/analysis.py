@@ -6,10 +6,9 @@ import json
 import math
 import statistics
 
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, suggest
 from bnlab.experiments.config import NOT_IDENTITY
 from bnlab.experiments.store import METRICS
-from bnlab.train.settings import suggest
 
 # columns of a row that are not settings of the run
 RESULT_COLUMNS = {"run_id", "status", "seed", "epochs_done", "config_versions", *METRICS}
@@ -239,3 +238,54 @@ def verdict(by, a, b, diff, p, metric, na, nb) -> str:
     else:
         return f"{what}: no significant difference in {metric} ({better} by {amount}, Welch p = {p:.3f})"
     return f"{what}: {strength}: {metric} {better} by {amount} (Welch t-test p = {p:.3g}, n = {na} and {nb})"
+
+
+def results(store, sweep: str | None = None, *, where=None, by=None, sort: str | None = "test_acc"):
+    """A sweep's results as a ``pandas.DataFrame``: one row per run (its settings, seed, status
+    and final metrics), best ``sort`` first; with ``by`` (a setting or a list of them) one row
+    per group with mean, std and 95% CI over the seeds (see :func:`group`).
+
+    Args:
+        store: a :class:`~bnlab.experiments.RunStore` or the path of one (opened read-only).
+        sweep: the sweep's name (None: every run in the store).
+        where: ``"bn=after,lr=0.01"``: only the runs matching.
+        by: group by these settings.
+        sort: the column to sort by, best first (losses ascending); None keeps the run order.
+
+    Example::
+
+        df = results("runs/bnlab.db", "deeplizard-bn", by="bn")
+        df[["bn", "runs", "test_acc_mean", "test_acc_ci95"]]
+    """
+    import pandas as pd
+
+    from bnlab.experiments.store import RunStore
+
+    own = not isinstance(store, RunStore)
+    st = RunStore(store, create=False) if own else store
+    try:
+        runs = st.runs(sweep)
+    finally:
+        if own:
+            st.close()
+    flat = rows(runs, where)
+    check_where_matches(runs, where, flat)
+    if by is not None:
+        flat = group(flat, [by] if isinstance(by, str) else list(by))
+        sort = f"{sort}_mean" if sort and not sort.endswith("_mean") else sort
+    return pd.DataFrame(sort_rows(flat, sort))
+
+
+def sort_rows(records: list[dict], metric: str | None) -> list[dict]:
+    """``records`` sorted by ``metric``: accuracies best first, losses and times smallest first,
+    missing or non-finite values last."""
+    if not metric:
+        return records
+    if records and metric not in records[0]:
+        raise ConfigError(f"--sort: unknown column {metric!r}{suggest(metric, records[0])}")
+    descending = not (metric.endswith("loss") or metric.endswith("loss_mean") or metric.startswith("seconds"))
+    numeric = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    other = [r for r in records if r not in numeric]
+    numeric.sort(key=lambda r: r[metric], reverse=descending)
+    other.sort(key=lambda r: str(r.get(metric)))
+    return numeric + other

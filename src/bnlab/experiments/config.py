@@ -27,21 +27,20 @@ re-running a config finds the runs it already did.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnlab._toml import read_toml
-from bnlab.errors import ConfigError
-from bnlab.train.settings import TrainSettings
+from bnlab.errors import ConfigError, suggest
+from bnlab.train.settings import NOT_IDENTITY, TrainSettings, identity_hash  # noqa: F401 (re-exported)
 
 CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description"}
 # settings that describe where data lives, not what the run is: left out of the run's identity
-NOT_IDENTITY = {"data_dir"}
 # a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)
 MAX_RUNS = 10_000
 
@@ -78,12 +77,52 @@ class SweepConfig:
     description: str = ""
     source: str = ""
 
+    overrides: dict = field(default_factory=dict)
+
     def grid_keys(self) -> list[str]:
         return list(self.grid)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dataset": self.dataset, "seeds": self.seeds, "fixed": self.fixed,
-                "grid": self.grid, "claim": self.claim, "description": self.description}
+        d = {"name": self.name, "dataset": self.dataset, "seeds": self.seeds, "fixed": self.fixed,
+             "grid": self.grid, "claim": self.claim, "description": self.description}
+        if self.overrides:
+            d["overrides"] = self.overrides
+        return d
+
+    def override(self, values: dict) -> "SweepConfig":
+        """This sweep with ``values`` fixed (``--set``): a gridded setting becomes fixed, ``seeds``
+        and ``dataset`` replace the top-level ones. The changes are kept in :attr:`overrides`,
+        so the stored config says what ran. Every value is checked now.
+
+        Example::
+
+            load_config("deeplizard").override({"epochs": 1, "train_limit": 10000})
+        """
+        if not values:
+            return self
+        from bnlab.train.settings import settings_fields
+
+        names = [f.name for f in settings_fields()]
+        fixed, grid = dict(self.fixed), dict(self.grid)
+        seeds, dataset = list(self.seeds), self.dataset
+        for key, value in values.items():
+            if key == "seeds":
+                seeds = value if isinstance(value, list) else [value]
+                _check_seeds(seeds, f"--set seeds")
+            elif key == "dataset":
+                dataset = value
+            elif key == "seed":
+                raise ConfigError("--set seed: set the seeds of a sweep with --set seeds=[0,1,2]")
+            elif key in names:
+                grid.pop(key, None)
+                fixed[key] = value
+            else:
+                raise ConfigError(f"--set {key}: no such setting{suggest(key, names + ['seeds'])} "
+                                  "(the settings: bnlab train --help)")
+        out = dataclasses.replace(self, seeds=seeds, dataset=dataset, fixed=fixed, grid=grid,
+                                  overrides={**self.overrides, **values})
+        out.check()
+        return out
 
     def size(self) -> int:
         """How many runs the sweep has (grid product x seeds), computed without expanding it."""
@@ -176,20 +215,9 @@ def _check_seeds(seeds, source: str) -> None:
         raise ConfigError(f"{source}: 'seeds' has duplicates")
 
 
-def identity_hash(settings: dict) -> str:
-    """Stable 16-hex-digit hash of a settings dict, leaving out where the data lives."""
-    d = {k: v for k, v in settings.items() if k not in NOT_IDENTITY}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run_id(settings: TrainSettings, threads: int | None = None) -> str:
-    """Stable 16-hex-digit identity of a run's resolved settings and, when given, of the torch
-    thread count it runs with (CPU kernels sum in another order with other thread counts, so
-    the results differ in the last digits: a sweep keeps runs at different counts apart)."""
-    d = settings.to_dict()
-    if threads is not None:
-        d["threads"] = threads
-    return identity_hash(d)
+    """A run's id: :meth:`TrainSettings.identity`."""
+    return settings.identity(threads)
 
 
 def parse_config(d: dict, source: str = "config") -> SweepConfig:
@@ -220,5 +248,56 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    return parse_config(read_toml(path, "sweep config", "see experiments/*.toml for examples"), str(path))
+RECIPES = Path(__file__).with_name("recipes")
+
+
+def recipe_names() -> list[str]:
+    """The sweep configs shipped with bnlab (``bnlab recipes list``)."""
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The file of recipe ``name``; an error with a did-you-mean when there is none."""
+    path = RECIPES / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no recipe named {name!r}{suggest(name, recipe_names())} (recipes: "
+                          f"{', '.join(recipe_names())}; or give a sweep config .toml file)")
+    return path
+
+
+def load_recipe(name: str) -> SweepConfig:
+    """The shipped sweep config ``name`` (e.g. ``deeplizard``)."""
+    return load_config(recipe_path(name))
+
+
+def load_config(path_or_recipe: str | Path) -> SweepConfig:
+    """A sweep config from a ``.toml`` file, or a recipe's name (``"deeplizard"``).
+
+    Example::
+
+        cfg = load_config("deeplizard").override({"epochs": 1, "train_limit": 10000})
+        run_sweep(cfg, "runs/bnlab.db")
+    """
+    text = str(path_or_recipe)
+    if not Path(text).exists() and "/" not in text and not text.endswith(".toml"):
+        path = recipe_path(text)
+    else:
+        path = Path(text)
+    hint = f"give a config file, or a recipe name ({', '.join(recipe_names())})"
+    return parse_config(read_toml(path, "sweep config", hint), str(path))
+
+
+def parse_sets(items) -> dict:
+    """``["epochs=1", "lr=0.01", "bn=none"]`` (the CLI's ``--set``) as typed values: each value
+    is read as TOML (numbers, booleans, ``[lists]``, quoted strings), else taken as a string."""
+    out = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set epochs=1")
+        try:
+            out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value.strip()
+    return out

@@ -25,7 +25,8 @@ import torch
 
 from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.store import DEFAULT_LEASE
-from bnlab.inspect import tracker_for
+from bnlab.train import train
+from bnlab.train.callbacks import Callback
 
 _DATA_CACHE: dict = {}
 
@@ -61,57 +62,24 @@ class RunTakenOver(Exception):
     """The run's lease expired and another process reran it: this process must stop writing it."""
 
 
-class _EpochSink:
-    """Holds back the latest epoch so the last one lands with the run's final status."""
+class StoreEpochs(Callback):
+    """Writes each epoch to the store as it ends, holding back the latest so the last one lands
+    together with the run's final status. Without a store it only collects them."""
 
     def __init__(self, store, run_id):
         self.store, self.run_id, self.held, self.all = store, run_id, None, []
 
-    def __call__(self, record):
+    def on_epoch_end(self, state) -> None:
+        record = dict(state.history.epochs[-1])
         if self.held is not None and self.store is not None and not self.store.add_epoch(self.run_id, self.held):
             raise RunTakenOver(self.run_id)
-        self.held = dict(record)
-        self.all.append(dict(record))
+        self.held = record
+        self.all.append(record)
 
     def tail(self):
         if self.store is None:
             return self.all
         return [self.held] if self.held is not None else []
-
-
-def train_with_extras(s, *, datasets, tensorboard: str | None = None, sweep: str = "train", rid: str | None = None,
-                      on_epoch=None, progress: bool | None = False, checkpoint=None):
-    """``train`` plus what the settings and options ask for around it: activation tracking
-    (``s.track_activations``; records saved in the checkpoint too) and TensorBoard event files.
-    Returns ``(result, tracker or None, tensorboard logger or None)``; the TensorBoard files are
-    closed even when training raises."""
-    from bnlab.experiments.config import run_id
-    from bnlab.train import train
-
-    tb = None
-    if tensorboard:
-        from bnlab.train.tensorboard import TensorBoardLogger
-
-        tb = TensorBoardLogger(tensorboard, sweep, rid or run_id(s), s.to_dict())
-    tracker = tracker_for(s, datasets[1], tb.activation if tb is not None else None)
-    epochs = []
-
-    def epoch(r):
-        epochs.append(r)
-        if tb is not None:
-            tb.epoch(r)
-        if on_epoch is not None:
-            on_epoch(r)
-
-    status = "failed"
-    try:
-        res = train(s, datasets=datasets, callbacks=[tracker] if tracker else [], progress=progress, on_epoch=epoch,
-                    checkpoint=checkpoint, checkpoint_extra={"activations": tracker.records} if tracker else None)
-        status = res.history.status
-        return res, tracker, tb
-    finally:
-        if tb is not None:
-            tb.close(status, epochs[-1] if epochs else {})
 
 
 def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
@@ -136,11 +104,12 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             return {"run_id": run_id, "status": "skipped"}
         with store.heartbeats() if store is not None else nullcontext():
             s = TrainSettings.from_dict(settings)
-            sink = _EpochSink(store, run_id)
+            sink = StoreEpochs(store, run_id)
             tracker = None
             try:
-                res, tracker, _ = train_with_extras(s, datasets=_datasets(s), tensorboard=tensorboard, sweep=sweep,
-                                                    rid=run_id, on_epoch=sink)
+                res = train(s, datasets=_datasets(s), callbacks=[sink], progress=False, tensorboard=tensorboard,
+                            name=sweep, run_id=run_id)
+                tracker = res.tracker
                 status, error, stop = res.history.status, None, res.history.stop_reason
             except RunTakenOver:
                 return lost

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 
 from bnlab.errors import ConfigError
 from bnlab.experiments.analysis import compare, rows, t_critical
-from bnlab.experiments.config import SweepConfig, load_config
+from bnlab.experiments.config import SweepConfig, load_recipe, recipe_names  # noqa: F401 (re-exported)
 from bnlab.experiments.store import RunStore
 from bnlab.experiments.sweep import run_sweep
-
-RECIPES = Path(__file__).with_name("recipes")
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.toml"))
-
-
-def load_recipe(name: str) -> SweepConfig:
-    path = RECIPES / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"unknown reproduction {name!r}: choose one of {', '.join(recipe_names())}")
-    return load_config(path)
-
 
 def adapt(cfg: SweepConfig, epochs: int | None = None, seeds: int | None = None, dataset: str | None = None) -> SweepConfig:
     """The recipe with fewer epochs/seeds or another dataset; the sweep name records the change."""
@@ -45,7 +30,8 @@ def adapt(cfg: SweepConfig, epochs: int | None = None, seeds: int | None = None,
     if dataset is not None and dataset != cfg.dataset:
         ds = dataset
         name += f"-{dataset}"
-    out = SweepConfig(name, ds, seed_list, fixed, dict(cfg.grid), dict(cfg.claim), cfg.description, cfg.source)
+    out = SweepConfig(name, ds, seed_list, fixed, dict(cfg.grid), dict(cfg.claim), cfg.description, cfg.source,
+                      dict(cfg.overrides))
     out.runs()
     return out
 

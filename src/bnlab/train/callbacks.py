@@ -1,4 +1,9 @@
-"""Hooks into the training loop. Subclass :class:`Callback` and pass instances to ``fit``."""
+"""Hooks into the training loop. Subclass :class:`Callback` and pass instances to ``fit``.
+
+Everything that watches a run is one: :class:`EarlyStopping`, :class:`EpochPrinter` (the CLI's
+per-epoch lines), :class:`bnlab.train.activations.ActivationTracker`,
+:class:`bnlab.train.tensorboard.TensorBoardLogger`, and the sweep store's writer.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ class Callback:
 
     def on_epoch_end(self, state) -> None: ...
 
-    def on_train_end(self, state) -> None: ...
+    def on_train_end(self, state) -> None:
+        """After the last epoch, and also when training raised (``state.history.status`` is then
+        ``failed``): release what you hold here."""
 
 
 class EarlyStopping(Callback):
@@ -41,3 +48,19 @@ class EarlyStopping(Callback):
         if self.bad >= self.patience:
             state.stop = True
             state.stop_reason = f"early stopping: {self.metric} did not improve for {self.patience} epoch(s)"
+
+
+def epoch_line(r: dict) -> str:
+    """One epoch record as a line: ``epoch   1  train loss 0.5123 acc 0.8123  test loss ...``."""
+    test = f"  test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}" if r.get("test_acc") is not None else ""
+    return f"epoch {r['epoch']:>3}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test}  {r['seconds']:.1f}s"
+
+
+class EpochPrinter(Callback):
+    """Print each epoch's metrics as it ends (``print_fn`` defaults to ``print``, flushed)."""
+
+    def __init__(self, print_fn=None):
+        self.print_fn = print_fn or (lambda line: print(line, flush=True))
+
+    def on_epoch_end(self, state) -> None:
+        self.print_fn(epoch_line(state.history.epochs[-1]))

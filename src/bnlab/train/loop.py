@@ -172,13 +172,17 @@ def _progress_bar(total: int, desc: str, enabled: bool | None):
 def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: float = 0.01, batch_size: int = 1000,
         epochs: int = 1, seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
         augment: Augment | bool | None = None, callbacks=(), progress: bool | None = None,
-        on_epoch=None, schedule: str = "constant") -> History:
+        schedule: str = "constant") -> History:
     """Train ``model`` on ``train`` (a :class:`bnlab.data.Dataset`) and evaluate on ``test``.
 
     Same seed, same data and same model state give an identical history on CPU: the seed drives
     shuffling, augmentation and dropout. A non-finite loss ends the run with status ``diverged``.
-    ``on_epoch(record)`` is called after each epoch (the CLI prints from it). ``schedule`` sets
-    the learning rate per step (see :func:`make_schedule`); ``lr`` is its peak.
+    ``schedule`` sets the learning rate per step (see :func:`make_schedule`); ``lr`` is its peak.
+
+    Everything that watches training is a :class:`~bnlab.train.callbacks.Callback` (printing
+    epochs, activation tracking, TensorBoard, early stopping, the sweep store). Their
+    ``on_train_end`` runs even when training raises (``history.status`` is then ``failed``), so
+    files they hold are closed.
 
     The model is left in **eval mode** (BN uses its running statistics), ready to evaluate or
     fold. ``progress=None`` shows a bar only in a terminal or notebook.
@@ -187,6 +191,13 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         model: any ``nn.Module`` mapping a batch to logits.
         train, test: :class:`bnlab.data.Dataset` splits (``test`` may be ``None``).
         optimizer: ``adam``, ``adamw``, ``sgd`` or ``momentum``.
+        lr, batch_size, epochs, seed, momentum, weight_decay: as in :class:`TrainSettings`.
+        augment: an :class:`Augment` (or True for the default one) applied to training batches.
+        callbacks: :class:`Callback` instances, called in order.
+        progress: show a progress bar (None: only in a terminal or notebook).
+
+    Returns:
+        the run's :class:`History`.
 
     Example::
 
@@ -210,62 +221,67 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         raise ConfigError(f"{len(train)} training example(s) with batch size {batch_size} give no training step "
                           "(batch norm cannot use a batch of one): use more training data (--train-limit)")
     callbacks = list(callbacks)
-    for cb in callbacks:
-        cb.on_train_begin(state)
-    scheduler = make_schedule(schedule, opt, lr, n_batches * epochs)
-    for epoch in range(1, epochs + 1):
-        state.epoch = epoch
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
-        diverged = False
-        for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
-            if augment:
-                x = augment(x, augment_gen)
-            for cb in callbacks:
-                cb.on_batch_begin(state)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            batch_loss = loss.item()
-            if not math.isfinite(batch_loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += batch_loss * len(y)
-            correct += int((out.detach().argmax(1) == y).sum())
-            seen += len(y)
-            state.step += 1
-            state.batch_loss = batch_loss
-            for cb in callbacks:
-                cb.on_batch_end(state)
-            if not bar.disable:
-                bar.update(1)
-                if state.step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
-        bar.close()
-        history.steps = state.step
-        if diverged:
-            history.status = "diverged"
-            history.stop_reason = f"non-finite loss at epoch {epoch}, step {state.step + 1}"
-            break
-        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
-        if test is not None:
-            record["test_loss"], record["test_acc"] = evaluate_loss_acc(model, test)
-        record["seconds"] = time.perf_counter() - t0
-        history.epochs.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
+    began = []
+    try:
         for cb in callbacks:
-            cb.on_epoch_end(state)
-        if state.stop:
-            history.stop_reason = state.stop_reason
-            break
-    for cb in callbacks:
-        cb.on_train_end(state)
-    model.eval()
+            cb.on_train_begin(state)
+            began.append(cb)
+        scheduler = make_schedule(schedule, opt, lr, n_batches * epochs)
+        for epoch in range(1, epochs + 1):
+            state.epoch = epoch
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
+            diverged = False
+            for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
+                if augment:
+                    x = augment(x, augment_gen)
+                for cb in callbacks:
+                    cb.on_batch_begin(state)
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                batch_loss = loss.item()
+                if not math.isfinite(batch_loss):
+                    diverged = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += batch_loss * len(y)
+                correct += int((out.detach().argmax(1) == y).sum())
+                seen += len(y)
+                state.step += 1
+                state.batch_loss = batch_loss
+                for cb in callbacks:
+                    cb.on_batch_end(state)
+                if not bar.disable:
+                    bar.update(1)
+                    if state.step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+            bar.close()
+            history.steps = state.step
+            if diverged:
+                history.status = "diverged"
+                history.stop_reason = f"non-finite loss at epoch {epoch}, step {state.step + 1}"
+                break
+            record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+            if test is not None:
+                record["test_loss"], record["test_acc"] = evaluate_loss_acc(model, test)
+            record["seconds"] = time.perf_counter() - t0
+            history.epochs.append(record)
+            for cb in callbacks:
+                cb.on_epoch_end(state)
+            if state.stop:
+                history.stop_reason = state.stop_reason
+                break
+    except BaseException:
+        history.status = "failed"
+        raise
+    finally:
+        for cb in began:
+            cb.on_train_end(state)
+        model.eval()
     return history

@@ -13,6 +13,7 @@ from bnlab import data as bdata
 from bnlab._files import check_writable, rescue_dir
 from bnlab.errors import CheckpointError
 from bnlab import models
+from bnlab.train.activations import ActivationTracker
 from bnlab.train.augment import Augment
 from bnlab.train.callbacks import EarlyStopping
 from bnlab.train.checkpoint import save_checkpoint
@@ -22,6 +23,10 @@ from bnlab.train.settings import TrainSettings
 
 @dataclass
 class RunResult:
+    """What :func:`train` returns: the trained ``model`` (eval mode), its ``history``, the
+    validated ``settings``, the network ``spec`` and ``build`` options, the data splits, and the
+    activation ``tracker`` and ``tensorboard`` directory when the run had them."""
+
     model: nn.Module
     history: History
     settings: TrainSettings
@@ -29,6 +34,8 @@ class RunResult:
     build: dict
     train: bdata.Dataset
     test: bdata.Dataset
+    tracker: ActivationTracker | None = None
+    tensorboard: Path | None = None
 
 
 def load_data(s: TrainSettings) -> tuple[bdata.Dataset, bdata.Dataset]:
@@ -53,27 +60,52 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
     return models.build(spec, **build, seed=s.seed), spec, build
 
 
-def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None, on_epoch=None,
-          checkpoint: str | Path | None = None, datasets=None, checkpoint_extra: dict | None = None) -> RunResult:
-    """Run the settings end to end. ``datasets=(train, test)`` skips loading (sweeps reuse data);
-    ``checkpoint_extra`` (plain values) is saved in the checkpoint under ``extra``."""
+def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None,
+          checkpoint: str | Path | None = None, datasets=None, tensorboard: str | Path | None = None,
+          name: str = "train", run_id: str | None = None) -> RunResult:
+    """One run, composed from its settings: data, network, and the callbacks the settings ask for
+    (activation tracking, early stopping) after ``callbacks``; then the checkpoint.
+
+    Args:
+        settings: the run's :class:`TrainSettings` (validated here).
+        callbacks: extra :class:`Callback` instances (e.g. :class:`EpochPrinter`).
+        progress: progress bar (None: only in a terminal or notebook).
+        checkpoint: write the trained network here (checked for writability first); tracked
+            activation records are saved in it under ``extra["activations"]``.
+        datasets: ``(train, test)`` to skip loading (sweeps reuse data across runs).
+        tensorboard: write TensorBoard event files under ``tensorboard/<name>/<run_id>``
+            (``run_id`` defaults to the settings' identity hash).
+
+    Example::
+
+        res = train(TrainSettings(dataset="digits", model="keras-mlp", bn="after", epochs=2))
+        res.history.test_acc
+    """
     s = settings.validate()
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")  # now, not after an hour of training
     train_ds, test_ds = datasets if datasets is not None else load_data(s)
     model, spec, build = build_model(s, train_ds.input_shape, train_ds.num_classes)
     cbs = list(callbacks)
+    tracker = ActivationTracker.for_settings(s, test_ds)
+    if tracker is not None:
+        cbs.append(tracker)
+    tb = None
+    if tensorboard:
+        from bnlab.train.tensorboard import TensorBoardLogger
+
+        tb = TensorBoardLogger(tensorboard, name, run_id or s.identity(), s.to_dict(), tracker=tracker)
+        cbs.append(tb)
     if s.early_stopping:
         cbs.append(EarlyStopping(patience=s.early_stopping))
     history = fit(model, train_ds, test_ds, optimizer=s.optimizer, lr=s.lr, batch_size=s.batch_size,
                   epochs=s.epochs, seed=s.seed, momentum=s.momentum, weight_decay=s.weight_decay,
-                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, on_epoch=on_epoch,
-                  schedule=s.schedule)
+                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, schedule=s.schedule)
     if checkpoint is not None:
         _save_or_rescue(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
                         classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict(),
-                        extra=checkpoint_extra)
-    return RunResult(model, history, s, spec, build, train_ds, test_ds)
+                        extra={"activations": tracker.records} if tracker is not None else None)
+    return RunResult(model, history, s, spec, build, train_ds, test_ds, tracker, tb.dir if tb is not None else None)
 
 
 def _save_or_rescue(path, model, **contents) -> None:
@@ -90,3 +122,20 @@ def _save_or_rescue(path, model, **contents) -> None:
                                   f"{rescued} ({e2.strerror or e2}): the trained weights are lost") from None
         raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); the trained network was "
                               f"saved to {rescued} instead: move it where you want it") from None
+
+
+def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str:
+    """A run's effective settings, as ``bnlab train`` prints them before training."""
+    import torch
+
+    shown = ["weight_decay", "dropout", "early_stopping"]
+    shown += ["momentum"] if s.optimizer == "momentum" else []
+    shown += ["virtual_batch_size"] if s.norm == "ghost" else []
+    extras = [f"{k} {getattr(s, k)}" for k in shown if getattr(s, k) not in (None, 0, 0.0, False)]
+    if s.augment:
+        extras.append("augment")
+    return (f"{s.model} (bn={s.bn}, norm={s.norm}, bn_impl={s.bn_impl}, activation={s.activation or 'as defined'}) on {train.name}: "
+            f"{len(train)} train / {len(test)} test examples, standardize={s.standardize}, from {train.source or '?'}\n"
+            f"{s.optimizer} lr {s.lr:g} ({s.schedule} schedule), batch size {s.batch_size}, {s.epochs} epoch(s), "
+            f"seed {s.seed}" + "".join(f", {e}" for e in extras)
+            + f"; device cpu, {torch.get_num_threads()} torch thread(s)")

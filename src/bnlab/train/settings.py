@@ -8,14 +8,15 @@ sweep configs are all derived from this one list, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
+import hashlib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
 
 from bnlab.data import STANDARDIZE_MODES
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, suggest
 from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
 from bnlab.train.loop import SCHEDULES
 
@@ -30,10 +31,13 @@ def setting(default, help: str, *, choices=None, minimum=None, below=None, flag:
                                             "flag": flag, "metavar": metavar})
 
 
-def suggest(value, options) -> str:
-    """``"; did you mean 'x'?"`` for a near miss among ``options``, else ``""``."""
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+NOT_IDENTITY = {"data_dir"}  # settings that say where, not what: left out of a run's identity
+
+
+def identity_hash(settings: dict) -> str:
+    """Stable 16-hex-digit hash of a settings dict, leaving out :data:`NOT_IDENTITY`."""
+    d = {k: v for k, v in settings.items() if k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -121,6 +125,15 @@ class TrainSettings:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+    def identity(self, threads: int | None = None) -> str:
+        """Stable 16-hex-digit identity of these settings (where the data lives left out) and,
+        when given, of the torch thread count the run uses (CPU kernels sum in another order
+        with other thread counts, so results differ in the last digits): a sweep's run id."""
+        d = self.to_dict()
+        if threads is not None:
+            d["threads"] = threads
+        return identity_hash(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from bnlab.errors import ConfigError
+from bnlab.train.callbacks import Callback
 
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -35,11 +36,20 @@ def _hparam(v):
     return str(v)
 
 
-class TensorBoardLogger:
-    """Writes ``train/loss``, ``train/acc``, ``test/loss``, ``test/acc``, ``epoch/seconds`` per
-    epoch, and at the end the hyperparameters with the final metrics (TensorBoard's HPARAMS tab)."""
+class TensorBoardLogger(Callback):
+    """A training callback writing ``train/loss``, ``train/acc``, ``test/loss``, ``test/acc``,
+    ``epoch/seconds`` per epoch, and at the end the hyperparameters with the final metrics
+    (TensorBoard's HPARAMS tab). Given an :class:`~bnlab.train.activations.ActivationTracker`,
+    each of its snapshots becomes a histogram ``activations/<layer>`` (drawn from the snapshot's
+    1..99% quantiles: each bucket holds 1% of the layer's input).
 
-    def __init__(self, root: str | Path, sweep: str, run_id: str, settings: dict):
+    Example::
+
+        tb = TensorBoardLogger("runs/tb", "my-sweep", "run-1", settings.to_dict())
+        fit(net, train, test, callbacks=[tb])   # then: tensorboard --logdir runs/tb
+    """
+
+    def __init__(self, root: str | Path, sweep: str, run_id: str, settings: dict, tracker=None):
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
@@ -47,9 +57,19 @@ class TensorBoardLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(self.dir))
         self.settings = {k: _hparam(v) for k, v in settings.items() if k not in ("data_dir",)}
+        self.tracker, self._drawn = tracker, 0
 
-    def epoch(self, r: dict) -> None:
-        w, e = self.writer, r["epoch"]
+    def on_batch_end(self, state) -> None:
+        if self.tracker is None:
+            return
+        for r in self.tracker.records[self._drawn:]:
+            if "q" in r:
+                _quantile_histogram(self.writer, f"activations/{r['layer']}", r, r["step"])
+        self._drawn = len(self.tracker.records)
+
+    def on_epoch_end(self, state) -> None:
+        w, r = self.writer, state.history.epochs[-1]
+        e = r["epoch"]
         w.add_scalar("train/loss", r["train_loss"], e)
         w.add_scalar("train/acc", r["train_acc"], e)
         if r.get("test_acc") is not None:
@@ -58,14 +78,21 @@ class TensorBoardLogger:
         w.add_scalar("epoch/seconds", r["seconds"], e)
         w.flush()
 
-    def activation(self, step: int, layer: str, values) -> None:
-        """A histogram of a tracked layer's input (the ActivationTracker's ``on_record``)."""
-        self.writer.add_histogram(f"activations/{layer}", values, step)
-
-    def close(self, status: str, final: dict) -> None:
+    def on_train_end(self, state) -> None:
+        final, status = state.history.final(), state.history.status
         metrics = {f"hparam/{k}": float(final[k]) for k in ("train_acc", "test_acc", "train_loss", "test_loss")
                    if final.get(k) is not None}
         metrics["hparam/diverged"] = 1.0 if status == "diverged" else 0.0
         # run_name="." keeps the hparams in this run's directory instead of a timestamped child
         self.writer.add_hparams(self.settings, metrics, run_name=".")
         self.writer.close()
+
+
+def _quantile_histogram(writer, tag: str, snap: dict, step: int) -> None:
+    """A histogram from a snapshot's 99 quantiles: 100 buckets of equal mass (1% each; the
+    outer two bounded by the 1% and 99% quantiles)."""
+    q = snap["q"]
+    n = 100.0
+    writer.add_histogram_raw(tag, min=q[0], max=q[-1], num=n, sum=snap["mean"] * n,
+                             sum_squares=(snap["std"] ** 2 + snap["mean"] ** 2) * n,
+                             bucket_limits=list(q) + [q[-1]], bucket_counts=[1.0] * 100, global_step=step)

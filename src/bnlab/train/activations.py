@@ -63,17 +63,23 @@ class ActivationTracker(Callback):
     cost more than the training step. ``records`` holds ``{"step", "layer", "p15", ..., "mean",
     "std", "q"}``;
     with ``eval_data`` also ``{"step", "layer": "test", "test_acc"}`` on up to ``eval_size``
-    held-out examples at each snapshot. ``on_record(step, layer, tensor)`` sees each raw input
-    (TensorBoard histograms).
+    held-out examples at each snapshot. A :class:`bnlab.train.tensorboard.TensorBoardLogger`
+    given this tracker draws each snapshot as a histogram.
+
+    Example::
+
+        tracker = ActivationTracker(every=50)
+        fit(net, train, test, epochs=2, callbacks=[tracker])
+        tracker.summary()["ics_w1"]
     """
 
     def __init__(self, model: nn.Module | None = None, *, layers=None, every: int = 100, percentiles=(15, 50, 85),
-                 max_examples: int | None = 64, eval_data=None, eval_size: int = 2000, on_record=None):
+                 max_examples: int | None = 64, eval_data=None, eval_size: int = 2000):
         if every < 1:
             raise ValueError("every must be at least 1")
         self.every, self.percentiles, self.layer_names = every, tuple(percentiles), layers
         self.max_examples = max_examples
-        self.eval_data, self.eval_size, self.on_record = eval_data, eval_size, on_record
+        self.eval_data, self.eval_size = eval_data, eval_size
         self.model, self.layers = None, {}
         self.records: list[dict] = []
         self._armed = False
@@ -103,8 +109,6 @@ class ActivationTracker(Callback):
             if self._armed and module.training:
                 x = args[0] if self.max_examples is None else args[0][: self.max_examples]
                 self.records.append({"step": self._step, "layer": name, **snapshot(x, self.percentiles)})
-                if self.on_record is not None:
-                    self.on_record(self._step, name, x.detach())
         return hook
 
     def on_train_begin(self, state) -> None:
@@ -132,6 +136,13 @@ class ActivationTracker(Callback):
 
     def summary(self) -> dict:
         return shift_summary(self.records)
+
+    @classmethod
+    def for_settings(cls, settings, test=None) -> "ActivationTracker | None":
+        """The tracker a run's settings ask for (``track_activations``), or None."""
+        if not settings.track_activations:
+            return None
+        return cls(every=settings.track_every, eval_data=test if settings.track_test_acc else None)
 
 
 def shift_summary(records: list[dict]) -> dict:
