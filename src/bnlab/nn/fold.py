@@ -7,24 +7,39 @@ a Conv or Linear layer can be merged into that layer's weights exactly:
 - into the preceding layer (``conv/linear -> BN``, nothing between):
   ``W' = s[out] * W``, ``b' = s * b + t``;
 - into the following layer (``BN -> linear``, optionally through ``Flatten``; ``BN -> conv`` when
-  the conv has no zero padding, because padded zeros would not be transformed):
+  the conv has no zero padding, because padded zeros would not be transformed; reflect, replicate
+  and circular padding copy transformed values and are fine):
   ``W' = W * s[in]``, ``b' = b + W @ t`` (summed over the kernel for convs).
 
 Dropout and Identity are transparent in eval mode. Anything else between a layer and its BN
-(ReLU, pooling, ...) blocks folding into that side, and the report says so.
+(ReLU, pooling, an addition, ...) blocks folding into that side, and the report says so.
+
+Two ways of finding the neighbours:
+
+- an ``nn.Sequential`` (nested Sequentials flattened) is read as a list of layers and the result is
+  an ``nn.Sequential`` again;
+- any other network is traced with ``torch.fx`` (BN layers, bnlab's included, stay single
+  ``call_module`` nodes) and the result is an ``fx.GraphModule``. A neighbour is then a node of
+  the dataflow graph, so a tensor read by two nodes (a residual branch and its shortcut) is not a
+  neighbour of either: folding BN into a conv whose output is also read elsewhere, or into a
+  layer after a BN whose output is also read elsewhere, would change what the other reader sees.
+
+Folding uses the running statistics whatever the BN's mode, so the result computes what the
+original computes in eval mode (BN in training mode is folded too; the folded copy is in eval
+mode). BN without running statistics (``track_running_stats=False``) is left in place.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from bnlab.errors import ConfigError
-from bnlab.nn.batchnorm import is_batchnorm
+from bnlab.nn.batchnorm import _Dims1d, is_batchnorm
 
 _TRANSPARENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -100,24 +115,61 @@ def _fold_into_following(bn: nn.Module, layer: nn.Module, repeat: int = 1) -> No
     _set_bias(layer, b)
 
 
-def _following_blocker(layer: nn.Module, bn: nn.Module) -> str | None:
+def _zero_padded(conv: nn.Module) -> bool:
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        return False  # reflect/replicate/circular pad with (transformed) input values
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
+    return any(p != 0 for p in conv.padding)
+
+
+def _following_check(bn: nn.Module, layer: nn.Module, flatten: bool) -> tuple[int, str | None]:
+    """Whether ``bn`` (optionally through a Flatten) can fold into the ``layer`` it feeds:
+    ``(repeat, None)``, where each BN channel covers ``repeat`` consecutive inputs of the layer, or
+    ``(0, reason)``."""
+    in_features = layer.weight.shape[1]
     if isinstance(layer, nn.Linear):
-        return None
+        repeat = in_features // bn.num_features
+        if in_features % bn.num_features or (repeat > 1 and not flatten):
+            return 0, f"{type(layer).__name__} expects {in_features} inputs, BN has {bn.num_features} channels"
+        if not flatten and not isinstance(bn, (nn.BatchNorm1d, _Dims1d)):
+            return 0, "a Linear right after a 2d/3d BN acts on the last (spatial) dim, not on BN's channels"
+        return repeat, None
+    if flatten or in_features * getattr(layer, "groups", 1) != bn.num_features:
+        return 0, "channel counts do not line up"
     if getattr(layer, "groups", 1) != 1:
-        return "the following conv is grouped"
-    if any(p != 0 for p in layer.padding) if not isinstance(layer.padding, str) else layer.padding != "valid":
-        return "the following conv pads with zeros, which BN's shift would not reach"
-    return None
+        return 0, "the following conv is grouped"
+    if _zero_padded(layer):
+        return 0, "the following conv pads with zeros, which BN's shift would not reach"
+    return 1, None
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Sequential, FoldReport]:
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     """An eval-mode copy of ``model`` with every foldable BN merged into a Conv/Linear neighbour.
 
-    ``model`` must be an ``nn.Sequential`` (nested Sequentials are flattened, names kept). The
-    original is not changed. Outputs of the folded copy equal the unfolded model's in eval mode.
+    ``model`` is an ``nn.Sequential`` of layers (nested Sequentials are flattened, names kept;
+    returns an ``nn.Sequential``) or any network ``torch.fx`` can trace (returns an
+    ``fx.GraphModule`` whose ``state_dict`` holds the folded weights under the original names).
+    The original is not changed. In eval mode the folded copy computes what ``model`` computes.
+    The :class:`FoldReport` names each BN folded, into which layer, and each BN left with the
+    reason. Raises :class:`~bnlab.errors.ConfigError` for a bare layer, or a model torch.fx
+    cannot trace (naming the module where tracing stopped).
     """
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(f"fold_batchnorm works on nn.Sequential models, got {type(model).__name__}")
+    if next(model.children(), None) is None:
+        raise ConfigError(f"fold_batchnorm works on networks (an nn.Sequential, or an nn.Module torch.fx can trace), "
+                          f"got a bare {type(model).__name__} layer")
+    if not isinstance(model, nn.Sequential) or _hides_batchnorm(model):
+        return _fold_graph(model)
+    return _fold_sequential(model)
+
+
+def _hides_batchnorm(model: nn.Sequential) -> bool:
+    """True if a BN sits inside a layer that is not a Sequential (e.g. a residual block): the
+    list view of the Sequential cannot see its neighbours, the traced graph can."""
+    return any(not is_batchnorm(m) and any(is_batchnorm(sub) for sub in m.modules()) for _, m in _flatten(model))
+
+
+def _fold_sequential(model: nn.Sequential) -> tuple[nn.Sequential, FoldReport]:
     items = [(name, copy.deepcopy(m)) for name, m in _flatten(model)]
     report = FoldReport()
     removed: set[int] = set()
@@ -145,14 +197,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Sequential, FoldReport]:
         after = type(items[k][1]).__name__ if k < len(items) else "the output"
         if k < len(items) and isinstance(items[k][1], _FOLDABLE):
             layer = items[k][1]
-            in_features = layer.weight.shape[1]
-            repeat = in_features // bn.num_features if isinstance(layer, nn.Linear) else 1
-            if isinstance(layer, nn.Linear) and (in_features % bn.num_features or (repeat > 1 and not flatten)):
-                blocker = f"{after} expects {in_features} inputs, BN has {bn.num_features} channels"
-            elif not isinstance(layer, nn.Linear) and (flatten or in_features != bn.num_features):
-                blocker = "channel counts do not line up"
-            else:
-                blocker = _following_blocker(layer, bn)
+            repeat, blocker = _following_check(bn, layer, flatten)
             if blocker is None:
                 _fold_into_following(bn, layer, repeat)
                 report.folded.append({"bn": name, "into": items[k][0], "side": "following"})
@@ -167,6 +212,170 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Sequential, FoldReport]:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded, report
+
+
+# ------------------------------------------------------------------ any torch.fx-traceable network
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping every BN layer (bnlab's too) as one ``call_module`` node and
+    remembering the innermost module whose forward could not be traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the exception first
+                try:
+                    self.failed_in = f"module '{self.path_of_module(m)}' ({type(m).__name__})"
+                except NameError:
+                    self.failed_in = f"a {type(m).__name__} that is not a registered submodule"
+            raise
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # user code: anything may go wrong, and the message must say where and why
+        where = tracer.failed_in or f"{type(model).__name__}.forward itself"
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
+        raise ConfigError(f"fold_batchnorm cannot trace {type(model).__name__} with torch.fx: tracing stopped in "
+                          f"{where}: {reason[:300]}; folding a non-Sequential network needs a forward without "
+                          "Python control flow on tensor values") from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} '{node.target}'"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "placeholder":
+        return f"the model input '{node.target}'"
+    if node.op == "output":
+        return "the model output"
+    return f"'{node.target}'"
+
+
+def _is_flatten(node: fx.Node, modules: dict) -> bool:
+    """``nn.Flatten()``, ``torch.flatten(x, 1)`` or ``x.flatten(1)``: channels become feature blocks."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        defaults = [node.kwargs.get("start_dim", 0), node.kwargs.get("end_dim", -1)]
+        return list(node.args[1:]) + defaults[len(node.args) - 1:] == [1, -1]
+    return False
+
+
+def _sole_module_call(node: fx.Node, calls: Counter) -> bool:
+    # a module called from two places would change at both when its weights change
+    return calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs
+
+
+def _fold_graph(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
+    # eval: a forward that branches on self.training is traced along its inference branch
+    gm = _trace(copy.deepcopy(model).eval())
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    report = FoldReport()
+    folded_bns: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            report.left.append({"bn": node.name, "reason": "a functional batch_norm call, not a BN layer"})
+            continue
+        if node.op != "call_module" or not is_batchnorm(modules[node.target]):
+            continue
+        bn, name = modules[node.target], node.target
+        if bn.running_mean is None:
+            report.left.append({"bn": name, "reason": "track_running_stats=False: eval uses batch statistics"})
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            report.left.append({"bn": name, "reason": "called with other than one positional input"})
+            continue
+        src = node.args[0]
+
+        # preceding side: conv/linear -> (dropout/identity ...) -> BN, each output read once
+        path = [src]  # from BN's input back to the candidate layer
+        while (path[-1].op == "call_module" and isinstance(modules[path[-1].target], _TRANSPARENT)
+               and len(path[-1].args) == 1 and isinstance(path[-1].args[0], fx.Node)):
+            path.append(path[-1].args[0])
+        prev = path[-1]
+        shared = next((i for i, n in enumerate(path) if len(n.users) > 1), None)
+        layer = modules.get(prev.target) if prev.op == "call_module" else None
+        if isinstance(layer, _FOLDABLE) and shared is None and _sole_module_call(prev, calls) \
+                and layer.weight.shape[0] == bn.num_features:
+            _fold_into_preceding(layer, bn)
+            report.folded.append({"bn": name, "into": prev.target, "side": "preceding"})
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            folded_bns.add(name)
+            continue
+        before = _describe(prev, modules)
+        if not isinstance(layer, _FOLDABLE):
+            pre_reason = f"preceded by {before}"
+        elif shared is not None:
+            toward_bn = path[shared - 1] if shared else node
+            others = ", ".join(_describe(u, modules) for u in path[shared].users if u is not toward_bn)
+            whose = "whose" if shared == len(path) - 1 else f"through {_describe(path[shared], modules)}, whose"
+            pre_reason = f"preceded by {before}, {whose} output is also read by {others}"
+        elif not _sole_module_call(prev, calls):
+            pre_reason = f"preceded by {before}, which is called more than once"
+        else:
+            pre_reason = f"preceded by {before} with {layer.weight.shape[0]} outputs for {bn.num_features} channels"
+
+        # following side: BN -> (dropout/identity/flatten ...) -> conv/linear, each output read once
+        nxt, flatten = node, False
+        while len(nxt.users) == 1:
+            user = next(iter(nxt.users))
+            transparent = user.op == "call_module" and isinstance(modules[user.target], _TRANSPARENT)
+            if not (transparent or _is_flatten(user, modules)) or user.args[0] is not nxt:
+                break
+            flatten = flatten or not transparent
+            nxt = user
+        if len(nxt.users) != 1:
+            readers = ", ".join(_describe(u, modules) for u in nxt.users) or "nothing"
+            whose = "its" if nxt is node else f"{_describe(nxt, modules)}'s"
+            post_reason = f"{whose} output is read by {len(nxt.users)} nodes ({readers})"
+        else:
+            user = next(iter(nxt.users))
+            after = _describe(user, modules)
+            layer = modules.get(user.target) if user.op == "call_module" else None
+            if not isinstance(layer, _FOLDABLE):
+                post_reason = f"followed by {after}"
+            elif not _sole_module_call(user, calls):
+                post_reason = f"followed by {after}, which is called more than once"
+            else:
+                repeat, blocker = _following_check(bn, layer, flatten)
+                if blocker is None:
+                    _fold_into_following(bn, layer, repeat)
+                    report.folded.append({"bn": name, "into": user.target, "side": "following"})
+                    node.replace_all_uses_with(src)
+                    gm.graph.erase_node(node)
+                    folded_bns.add(name)
+                    continue
+                post_reason = f"followed by {after}: {blocker}"
+        report.left.append({"bn": name, "reason": f"{pre_reason}; {post_reason}"})
+
+    still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name in sorted(folded_bns - still_called):
+        gm.delete_submodule(name)
+    gm.graph.lint()
+    gm.recompile()
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm, report
 
 
 @torch.no_grad()
