@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,export]' $(TORCH_PIN)
 	# Compile the fused BN kernels now (~30 s once) rather than in the first run.
 	$(BIN)/python -c "import bnlab.nn as n; print('bnlab BN backend:', n.backend_name())"
 	touch $(STAMP)

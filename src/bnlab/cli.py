@@ -154,6 +154,10 @@ def cmd_train(args) -> int:
     from bnlab.train.run import describe
 
     s = settings_from_args(args)
+    if args.output:
+        from bnlab._files import check_writable
+
+        check_writable(args.output, "checkpoint")  # before anything is loaded or printed
     data = load_data(s)
     if not args.json:
         print(describe(s, *data), flush=True)

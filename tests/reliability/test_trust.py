@@ -77,8 +77,8 @@ def test_report_and_plot_show_each_experiment(mixed_store, tmp_path, capsys):
     assert main(["report", "--store", str(mixed_store), "--sweep", "mix", "-o", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "run with 2 configs" in page and "config version 1" in page and "config version 2" in page
-    assert "Effect of bn on test_acc (runs with epochs=1)" in page
-    assert "Effect of bn on test_acc (runs with epochs=2)" in page
+    assert "Effect of bn on test accuracy (runs with epochs=1)" in page
+    assert "Effect of bn on test accuracy (runs with epochs=2)" in page
     with RunStore(mixed_store) as st:
         labels = set(curves_by(st, "mix", ["bn"]))
     assert labels == {"bn=after, epochs=1", "bn=after, epochs=2", "bn=none, epochs=1", "bn=none, epochs=2"}

@@ -19,7 +19,22 @@ __all__ = [
 
 
 def info(name: str, data_dir=None, **options) -> dict:
-    """Counts, shapes, classes, train-split mean/std and location of a dataset, as a dict."""
+    """Counts, shapes, classes, train-split mean/std and location of a dataset, as a dict.
+
+    Reads both splits (what ``bnlab data info`` prints).
+
+    Args:
+        name, data_dir, **options: as for :func:`bnlab.data.load`.
+
+    Returns:
+        ``{"name", "description", "location", "train", "test", "input_shape", "dtype", "classes",
+        "train_class_counts", "mean", "std"}``; ``train``/``test`` are example counts, and
+        ``mean``/``std`` are per channel, in 0..1 units for uint8 images (pixel / 255).
+
+    Example::
+
+        info("fashion-mnist")["mean"], info("fashion-mnist")["std"]   # ([0.2860...], [0.3530...])
+    """
     train = load(name, "train", data_dir, **options)
     test = load(name, "test", data_dir, **options)
     mean, std = channel_stats(train.x)

@@ -17,6 +17,7 @@ import torch
 
 from bnlab.errors import ConfigError
 
+#: The standardization modes of :class:`Standardizer` (``--standardize``).
 STANDARDIZE_MODES = ("none", "scale", "zscore")
 
 
@@ -24,10 +25,24 @@ STANDARDIZE_MODES = ("none", "scale", "zscore")
 class Standardizer:
     """Per-channel affine map ``z = (x - mean) / std`` applied to each batch.
 
-    ``mode`` is ``none`` (identity), ``scale`` (divide by the value range, 255 for uint8 images:
-    maps pixels to 0..1) or ``zscore`` (mean and std of the *train* split, per channel, in the
-    units of the raw data). The numbers travel with checkpoints so that inference standardizes
-    exactly like training.
+    The numbers travel with checkpoints so that inference standardizes exactly like training.
+    Build one with :meth:`fit` (from a train split) or :meth:`from_dict` (from a checkpoint)
+    rather than by hand.
+
+    Args:
+        mode: ``none`` (identity), ``scale`` (divide by the value range, 255 for uint8 images:
+            maps pixels to 0..1) or ``zscore`` (mean and std of the *train* split, per channel).
+        mean: one value per channel, in the units of the raw data (0..255 for uint8 images).
+        std: one positive value per channel, in the same units.
+
+    Raises:
+        ConfigError: an unknown mode, ``mean`` and ``std`` of different lengths, or a std <= 0.
+
+    Example::
+
+        train = bnlab.data.load("digits", "train")
+        s = Standardizer.fit(train, "zscore")    # Standardizer(mode='zscore', mean=(77.8...,), std=(95.8...,))
+        z = s(train.x[:32])                      # float32 (32, 1, 8, 8), mean ~0 and std ~1 per channel
     """
 
     mode: str = "none"
@@ -44,7 +59,15 @@ class Standardizer:
 
     @classmethod
     def fit(cls, train: "Dataset", mode: str) -> "Standardizer":
-        """Compute the map from a *train* split (never from test data)."""
+        """Compute the map from a *train* split (never from test data).
+
+        Args:
+            train: the :class:`Dataset` whose raw ``x`` gives the statistics.
+            mode: ``none``, ``scale`` or ``zscore`` (see the class docstring).
+
+        Returns:
+            A :class:`Standardizer` with one mean and std per channel of ``train.x``.
+        """
         if mode not in STANDARDIZE_MODES:
             raise ConfigError(f"unknown standardization {mode!r}: choose one of {', '.join(STANDARDIZE_MODES)}")
         channels = train.x.shape[1]
@@ -75,10 +98,12 @@ class Standardizer:
                 torch.tensor([1.0 / s for s in self.std], dtype=torch.float32))
 
     def to_dict(self) -> dict:
+        """``{"mode", "mean", "std"}`` as plain lists: what a checkpoint stores."""
         return {"mode": self.mode, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Standardizer":
+        """The inverse of :meth:`to_dict`."""
         return cls(d["mode"], tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 
 
@@ -87,6 +112,16 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 
     uint8 data uses a 256-bin histogram per channel, which is exact and needs no float copy of
     the whole split.
+
+    Args:
+        x: ``(N, C, ...)`` tensor, uint8 or float; channels along dim 1.
+
+    Returns:
+        ``(means, stds)``: two lists of ``C`` floats, in the units of ``x`` (0..255 for uint8).
+
+    Example::
+
+        channel_stats(torch.arange(8, dtype=torch.uint8).view(4, 2))   # ([3.0, 4.0], [2.236..., 2.236...])
     """
     means, stds = [], []
     for c in range(x.shape[1]):
@@ -119,8 +154,21 @@ def index_batches(
 ) -> Iterator[torch.Tensor | slice]:
     """Yield the indices of each batch: slices when not shuffling, index tensors when shuffling.
 
-    The last partial batch is yielded unless ``drop_last``. Shuffling uses ``generator`` so the
-    same seed gives the same order.
+    Args:
+        n: the number of examples.
+        batch_size: examples per batch, at least 1.
+        shuffle: draw the order from a random permutation of ``range(n)``.
+        generator: the random source of the permutation; the same seed gives the same order.
+        drop_last: leave out the last batch when it is smaller than ``batch_size``.
+
+    Raises:
+        ConfigError: ``batch_size`` below 1.
+
+    Example::
+
+        list(index_batches(5, 2))      # [slice(0, 2), slice(2, 4), slice(4, 5)]
+        list(index_batches(5, 2, shuffle=True, generator=torch.Generator().manual_seed(0)))
+        # [tensor([4, 0]), tensor([1, 3]), tensor([2])]
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -135,8 +183,24 @@ def index_batches(
 class Dataset:
     """One split of a dataset, held in memory.
 
-    ``x`` is uint8 ``(N, C, H, W)`` for images or float32 ``(N, F)`` for feature tables; ``y`` is
-    int64 ``(N,)``. ``standardizer`` maps raw batches to network inputs.
+    The examples stay in their raw form; :meth:`batches` converts and standardizes one batch at
+    a time. Get one from :func:`bnlab.data.load` or :func:`bnlab.data.load_splits`.
+
+    Args:
+        name: the dataset's name, e.g. ``fashion-mnist``.
+        split: ``train`` or ``test``.
+        x: uint8 ``(N, C, H, W)`` for images, float32 ``(N, F)`` for feature tables.
+        y: int64 labels ``(N,)``, in ``0 .. len(classes) - 1``.
+        classes: the class names, indexed by label.
+        source: where the data was read from (a directory, or e.g. ``sklearn.datasets.load_digits``).
+        standardizer: maps raw batches to network inputs (default: identity).
+
+    Example::
+
+        train, test = bnlab.data.load_splits("digits")
+        train          # Dataset('digits', train, 1347 examples of (1, 8, 8) uint8, 10 classes, standardize=zscore)
+        for x, y in train.batches(32, shuffle=True, generator=torch.Generator().manual_seed(0)):
+            ...        # x: float32 (32, 1, 8, 8) standardized, y: int64 (32,)
     """
 
     name: str
@@ -166,21 +230,32 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (``len(classes)``), whether or not each occurs in this split."""
         return len(self.classes)
 
     @property
     def is_image(self) -> bool:
+        """True for image data ``(N, C, H, W)``, false for feature tables ``(N, F)``."""
         return self.x.dim() == 4
 
     def standardized(self, mode_or_standardizer: "str | Standardizer") -> "Dataset":
-        """The same data with another standardizer (fitted on *this* split if given a mode name)."""
+        """The same data (shared, not copied) with another standardizer.
+
+        Args:
+            mode_or_standardizer: a :class:`Standardizer` (e.g. the train split's, for a test
+                split), or a mode name, fitted on *this* split: only do that on a train split.
+        """
         s = mode_or_standardizer
         if isinstance(s, str):
             s = Standardizer.fit(self, s)
         return Dataset(self.name, self.split, self.x, self.y, self.classes, self.source, s)
 
     def subset(self, n: int) -> "Dataset":
-        """The first ``n`` examples (handy for quick runs and tests)."""
+        """The first ``n`` examples (a view, not a copy), with the same standardizer.
+
+        The standardizer is kept, not refitted: a subset of a train split is still standardized
+        with the statistics of the whole split. Handy for quick runs and tests.
+        """
         return Dataset(self.name, self.split, self.x[:n], self.y[:n], self.classes, self.source, self.standardizer)
 
     def batches(
@@ -191,13 +266,27 @@ class Dataset:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(inputs, labels)``: float32 standardized inputs, int64 labels."""
+        """Yield ``(inputs, labels)``: float32 standardized inputs, int64 labels.
+
+        Args:
+            batch_size: examples per batch; the last batch may be smaller unless ``drop_last``.
+            shuffle: a new random order; pass ``generator`` to make it reproducible.
+            generator: the random source of the order (see :func:`index_batches`).
+            drop_last: leave out the last batch when it is smaller than ``batch_size``.
+
+        Example::
+
+            for x, y in train.batches(1000, shuffle=True, generator=torch.Generator().manual_seed(0)):
+                loss = F.cross_entropy(net(x), y)
+        """
         for idx in index_batches(len(self), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
             yield self.standardizer(self.x[idx]), self.y[idx]
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches :meth:`batches` yields with these arguments."""
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def class_counts(self) -> list[int]:
+        """The number of examples of each class, indexed by label."""
         return torch.bincount(self.y, minlength=self.num_classes).tolist()

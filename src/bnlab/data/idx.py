@@ -92,7 +92,25 @@ def _read_payload(path: Path, f, file_size: int, header_len: int, dims, dtype: n
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw) into a writable native-endian numpy array shared with nothing else."""
+    """Read an IDX file (``.gz`` or raw) into a writable native-endian numpy array shared with nothing else.
+
+    Nothing is allocated beyond what the file can hold (see the module docstring).
+
+    Args:
+        path: an IDX file; gzip-compressed when the name ends in ``.gz``.
+
+    Returns:
+        An array with the file's dimensions and dtype (uint8 for MNIST images and labels).
+
+    Raises:
+        DataFormatError: the file is missing, unreadable, not IDX, truncated, longer than its
+            header says, or declares more than ``MAX_PAYLOAD_BYTES``.
+
+    Example::
+
+        images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+        images.shape, images.dtype   # ((60000, 28, 28), dtype('uint8'))
+    """
     path = Path(path)
     try:
         file_size = path.stat().st_size
@@ -125,7 +143,23 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> Path:
-    """Write ``array`` as an IDX file; gzip-compressed when ``path`` ends in ``.gz``."""
+    """Write ``array`` as an IDX file; gzip-compressed when ``path`` ends in ``.gz``.
+
+    Args:
+        path: the file to write (replaced if it exists).
+        array: uint8, int8, int16, int32, float32 or float64 data of any shape.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataFormatError: a dtype IDX cannot hold (e.g. int64: convert it first).
+
+    Example::
+
+        write_idx("labels-idx1-ubyte.gz", np.array([3, 1, 4], dtype=np.uint8))
+        read_idx("labels-idx1-ubyte.gz")   # array([3, 1, 4], dtype=uint8)
+    """
     path = Path(path)
     array = np.asarray(array)
     key = array.dtype.str.lstrip("><|=")

@@ -46,7 +46,21 @@ class Source:
 
 
 def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
-    """Directories searched for dataset ``name``, in order."""
+    """Directories searched for dataset ``name``, in order (whether or not they exist).
+
+    Args:
+        name: a dataset name, e.g. ``fashion-mnist``.
+        data_dir: a directory to search first (``--data-dir``), used as given (not ``<data_dir>/<name>``).
+
+    Returns:
+        ``[data_dir, $BNLAB_DATA_DIR/<name>, /usr/share/datasets/<name>, <cache>/<name>]``, without
+        the entries that are not set; the cache is ``$BNLAB_CACHE_DIR``, by default ``~/.cache/bnlab``.
+
+    Example::
+
+        search_dirs("fashion-mnist")
+        # [PosixPath('/usr/share/datasets/fashion-mnist'), PosixPath('/home/me/.cache/bnlab/fashion-mnist')]
+    """
     dirs = []
     if data_dir is not None:
         dirs.append(Path(data_dir).expanduser())
@@ -88,7 +102,24 @@ def _cifar_root(directory: Path) -> Path | None:
 
 
 def find(name: str, data_dir: str | Path | None = None) -> Path:
-    """The first searched directory that holds dataset ``name``."""
+    """The first directory of :func:`search_dirs` that holds dataset ``name``.
+
+    Args:
+        name: a file-based dataset (``fashion-mnist``, ``mnist``, ``cifar10``, ``image-folder``).
+        data_dir: a directory to search first; it must exist when given.
+
+    Returns:
+        The directory. For datasets with known files (IDX, CIFAR batches) it holds all of them.
+
+    Raises:
+        DataNotFoundError: no searched directory holds the dataset; the message lists where bnlab
+            looked and how to get the data.
+        ConfigError: an unknown dataset name.
+
+    Example::
+
+        find("fashion-mnist")   # PosixPath('/usr/share/datasets/fashion-mnist') with the Debian package
+    """
     src = get_source(name)
     searched = search_dirs(name, data_dir)
     if data_dir is not None and not Path(data_dir).expanduser().exists():
@@ -187,6 +218,7 @@ def _read_iris(split: str, directory: Path | None = None, **_):
     return x, y, list(d.target_names), "sklearn.datasets.load_iris"
 
 
+#: Every named dataset, by name, in the order ``bnlab data list`` shows them (filled by :func:`register`).
 SOURCES: dict[str, Source] = {}
 
 
@@ -226,6 +258,15 @@ register(Source("iris", "scikit-learn iris, 4 features, 3 classes, fixed 75/25 s
 
 
 def get_source(name: str) -> Source:
+    """The registered :class:`Source` called ``name`` (see ``SOURCES`` for all of them).
+
+    Raises:
+        ConfigError: an unknown name; the message lists the known ones.
+
+    Example::
+
+        get_source("digits").description   # 'scikit-learn 8x8 digits, 1,797 images, fixed 75/25 split'
+    """
     if name not in SOURCES:
         raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(SOURCES)}")
     return SOURCES[name]
@@ -235,9 +276,33 @@ def load(name: str, split: str = "train", data_dir: str | Path | None = None, *,
          standardize: str | Standardizer = "none", **options) -> Dataset:
     """Load one split of dataset ``name`` into memory.
 
-    ``standardize`` is a mode (``none``, ``scale``, ``zscore``), fitted on the *train* split even
-    when ``split='test'``, or a ready :class:`Standardizer` (e.g. from a checkpoint). ``options``
-    go to the reader: ``image_size``, ``channels``, ``test_fraction``, ``seed`` for image folders.
+    To get both splits with one standardizer, use :func:`load_splits`.
+
+    Args:
+        name: a name from ``SOURCES``: ``fashion-mnist``, ``mnist``, ``cifar10``, ``image-folder``,
+            ``digits``, ``iris``.
+        split: ``train`` or ``test``.
+        data_dir: a directory searched first (see :func:`search_dirs`); ``image-folder`` needs it.
+        standardize: a mode (``none``, ``scale``, ``zscore``), fitted on the *train* split even
+            when ``split='test'`` (which then reads the train split too), or a ready
+            :class:`Standardizer` (e.g. from a checkpoint). Default ``none``, unlike
+            :func:`load_splits`.
+        **options: for ``image-folder``: ``image_size`` (default 32), ``channels`` (1 or 3,
+            default 3), ``test_fraction`` (default 0.2) and ``seed`` (default 0) of the split
+            when the folder has no ``train``/``test`` sub-folders.
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        DataNotFoundError: the files are not where bnlab looks; the message says how to get them.
+        DataFormatError: a file is corrupt or not what its name says.
+        ConfigError: an unknown name, split or standardization mode.
+
+    Example::
+
+        test = load("fashion-mnist", "test", standardize="zscore")
+        test   # Dataset('fashion-mnist', test, 10000 examples of (1, 28, 28) uint8, 10 classes, standardize=zscore)
     """
     src = get_source(name)
     if split not in SPLITS:
@@ -266,7 +331,22 @@ def load(name: str, split: str = "train", data_dir: str | Path | None = None, *,
 
 def load_splits(name: str, data_dir: str | Path | None = None, *, standardize: str = "zscore",
                 **options) -> tuple[Dataset, Dataset]:
-    """Train and test splits sharing one standardizer fitted on the train split."""
+    """Train and test splits sharing one standardizer fitted on the train split.
+
+    Args:
+        name, data_dir, **options: as for :func:`load`.
+        standardize: ``none``, ``scale`` or ``zscore`` (the default): statistics of the train
+            split, applied to both.
+
+    Returns:
+        ``(train, test)``, two :class:`Dataset` objects.
+
+    Example::
+
+        train, test = load_splits("fashion-mnist")
+        train.standardizer   # Standardizer(mode='zscore', mean=(72.94...,), std=(90.02...,)), pixel units
+        test.standardizer is train.standardizer   # True
+    """
     train = load(name, "train", data_dir, **options)
     std = Standardizer.fit(train, standardize)
     test = load(name, "test", data_dir, standardize=std, **options)

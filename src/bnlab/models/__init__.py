@@ -13,29 +13,37 @@ from torch import nn
 
 from bnlab.models.spec import (ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS, build_from_spec, format_summary,
                                load_spec, output_shapes, summary, validate_spec)
+from bnlab.errors import ConfigError
+from bnlab.models.factory import call_factory, is_python_spec, is_reference, load_factory, reference_spec, takes
 from bnlab.models.zoo import ZOO, get_spec
 
-__all__ = ["build", "resolve_spec", "ZOO", "get_spec", "load_spec", "validate_spec", "summary", "format_summary",
+__all__ = ["build", "build_python", "resolve_spec", "is_reference", "ZOO", "get_spec", "load_spec", "validate_spec", "summary", "format_summary",
            "output_shapes", "ACTIVATIONS", "BN_PLACEMENTS", "NORMS", "BN_IMPLS"]
 
 
 def resolve_spec(name_or_spec) -> dict:
-    """A validated spec from a zoo name, a ``.toml`` path, or a spec dict."""
+    """A validated spec from a zoo name, a ``.toml`` path, a Python reference
+    (``file.py:factory``, ``package.module:factory``: see :mod:`bnlab.models.factory`) or a spec dict."""
     if isinstance(name_or_spec, dict):
-        return validate_spec(name_or_spec)
+        return dict(name_or_spec) if is_python_spec(name_or_spec) else validate_spec(name_or_spec)
     text = str(name_or_spec)
+    if is_reference(text):
+        return reference_spec(text)
     if text.endswith(".toml") or Path(text).is_file():
         return load_spec(text)
-    return validate_spec(get_spec(text))
+    spec = get_spec(text)
+    return dict(spec) if is_python_spec(spec) else validate_spec(spec)
 
 
 def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
           bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
-          virtual_batch_size: int = 32, seed: int | None = None) -> nn.Sequential:
-    """Build a network by zoo name, spec file or spec dict, with BN placed as asked.
+          virtual_batch_size: int = 32, seed: int | None = None) -> nn.Module:
+    """Build a network by zoo name, spec file, Python factory or spec dict, with BN placed as asked.
 
     Args:
-        name_or_spec: a zoo name (``bnlab models list``), a spec ``.toml`` path or a spec dict.
+        name_or_spec: a zoo name (``bnlab models list``), a spec ``.toml`` path, your own network
+            as ``path/to/file.py:factory`` or ``package.module:factory`` (see
+            :mod:`bnlab.models.factory`: ``bn=tutorial`` builds it as written), or a spec dict.
         input_shape: one example's shape without the batch, e.g. ``(1, 28, 28)``.
         num_classes: the number of logits.
         bn: ``none``, ``before``/``after`` (the activation of every conv/dense layer but the
@@ -51,6 +59,36 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
     """
     if seed is not None:
         torch.manual_seed(seed)
-    return build_from_spec(resolve_spec(name_or_spec), input_shape=input_shape, num_classes=num_classes, bn=bn,
-                           norm=norm, bn_impl=bn_impl, activation=activation, dropout=dropout,
-                           virtual_batch_size=virtual_batch_size)
+    spec = resolve_spec(name_or_spec)
+    if not is_python_spec(spec):
+        return build_from_spec(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm,
+                               bn_impl=bn_impl, activation=activation, dropout=dropout,
+                               virtual_batch_size=virtual_batch_size)
+    return build_python(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm, bn_impl=bn_impl,
+                        activation=activation, dropout=dropout, virtual_batch_size=virtual_batch_size)
+
+
+def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: str, bn_impl: str, **options) -> nn.Module:
+    """A Python spec's network (:func:`bnlab.models.factory.call_factory`), with its BN layers
+    made ``bn_impl``'s. A factory that takes no ``norm`` argument only builds ``norm=batch``."""
+    import warnings
+
+    from bnlab.nn import convert, is_batchnorm
+
+    fn = load_factory(spec)
+    if bn not in BN_PLACEMENTS:
+        raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
+    if norm != "batch" and not takes(fn, "norm"):
+        raise ConfigError(f"model {spec['name']!r}: norm={norm} needs a factory that takes a 'norm' argument; "
+                          "this one does not")
+    as_written = None
+    if bn == "none" and not takes(fn, "bn"):
+        as_written = sum(map(is_batchnorm, call_factory(spec, input_shape=input_shape, num_classes=num_classes,
+                                                        bn="tutorial", **options).modules())) \
+            if torch.get_default_device().type != "meta" else None
+    model = call_factory(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm, bn_impl=bn_impl,
+                         **options)
+    if as_written:
+        warnings.warn(f"bn=none removed the {as_written} BN layer(s) of {spec['name']} (bn=tutorial keeps the model "
+                      "as written)", stacklevel=2)
+    return convert(model, to=bn_impl) if not takes(fn, "bn_impl") else model

@@ -226,18 +226,25 @@ def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "non
     return model
 
 
-def output_shapes(model: nn.Sequential, input_shape) -> list[tuple[int, ...]]:
-    """Output shape (without batch) of every layer, found by running two zero inputs in eval mode."""
-    shapes = []
+def output_shapes(model: nn.Module, input_shape) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """``(name, layer, output shape without batch)`` of every layer in the order they run, found by
+    running two zero inputs in eval mode: a Sequential's children, or any network's leaf modules
+    (each call of a layer used twice appears twice)."""
+    layers = dict(model.named_children()) if isinstance(model, nn.Sequential) else \
+        {n: m for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, o))) for n, m in layers.items()]
     was = model.training
     model.eval()
-    with torch.no_grad():
-        x = torch.zeros((2, *input_shape))
-        for m in model:
-            x = m(x)
-            shapes.append(tuple(x.shape[1:]))
-    model.train(was)
-    return shapes
+    try:
+        with torch.no_grad():
+            ref = next(iter(model.parameters()), None)
+            model(torch.zeros((2, *input_shape), device=ref.device if ref is not None else None))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return [(n, m, tuple(o.shape[1:]) if isinstance(o, torch.Tensor) else ()) for n, m, o in seen]
 
 
 def _brief(m: nn.Module) -> str:
@@ -255,11 +262,18 @@ def _brief(m: nn.Module) -> str:
     return ""
 
 
-def summary(model: nn.Sequential, input_shape) -> dict:
-    """Keras-style summary: one row per layer (name, type, output shape, parameters) and totals."""
+def summary(model: nn.Module, input_shape) -> dict:
+    """Keras-style summary: one row per layer as it runs (name, type, output shape, parameters)
+    and totals. Works on any network (its leaf modules), a Sequential by its children.
+
+    Example::
+
+        print(format_summary(summary(build("resnet20", bn="tutorial", input_shape=(3, 32, 32), num_classes=10),
+                                     (3, 32, 32))))
+    """
     rows = []
-    for (name, m), shape in zip(model.named_children(), output_shapes(model, input_shape)):
-        params = sum(p.numel() for p in m.parameters(recurse=False))
+    for name, m, shape in output_shapes(model, input_shape):
+        params = sum(p.numel() for p in m.parameters())
         rows.append({"name": name, "layer": type(m).__name__, "output_shape": list(shape), "params": params,
                      "detail": _brief(m)})
     total = sum(p.numel() for p in model.parameters())
@@ -271,12 +285,13 @@ def summary(model: nn.Sequential, input_shape) -> dict:
 
 def format_summary(s: dict, title: str = "") -> str:
     lines = [title] if title else []
-    head = f"{'#':>3}  {'layer':<34} {'output shape':<16} {'params':>10}"
+    width = max([3] + [len(r["name"]) for r in s["layers"]])
+    head = f"{'#':>{width}}  {'layer':<34} {'output shape':<16} {'params':>10}"
     lines += [head, "-" * len(head)]
-    lines.append(f"{'':>3}  {'input':<34} {str(tuple(s['input_shape'])):<16} {'':>10}")
+    lines.append(f"{'':>{width}}  {'input':<34} {str(tuple(s['input_shape'])):<16} {'':>10}")
     for r in s["layers"]:
         label = f"{r['layer']}({r['detail']})" if r["detail"] else r["layer"]
-        lines.append(f"{r['name']:>3}  {label:<34} {str(tuple(r['output_shape'])):<16} {r['params']:>10,}")
+        lines.append(f"{r['name']:>{width}}  {label:<34} {str(tuple(r['output_shape'])):<16} {r['params']:>10,}")
     lines.append("-" * len(head))
     lines.append(f"total params {s['total_params']:,} (trainable {s['trainable_params']:,}, "
                  f"non-trainable {s['non_trainable_params']:,}); BN running-stat buffers {s['buffers']:,}")

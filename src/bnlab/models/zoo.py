@@ -6,7 +6,7 @@ has one) its own BN placement, used with ``bn="tutorial"``.
 
 from __future__ import annotations
 
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, suggest
 
 
 def _conv(out, kernel, **kw):
@@ -86,10 +86,36 @@ ZOO: dict[str, dict] = {
                    _dense("classes")],
         "datasets": ["fashion-mnist", "mnist", "cifar10", "image-folder"],
     },
+    "vgg-bn": {
+        "name": "vgg-bn",
+        "description": "a small VGG-style net: 3 x (conv3x3-conv3x3-pool) 32-64-128, fc256, fc10; BN after every conv",
+        "activation": "relu",
+        # Simonyan & Zisserman's pattern (pairs of 3x3 convs, channels doubling as maps halve) at
+        # CIFAR/MNIST size; the tutorial placement is the usual conv -> BN -> ReLU of VGG-BN.
+        "layers": [_conv(32, 3, padding=1), _conv(32, 3, padding=1), POOL2, _conv(64, 3, padding=1),
+                   _conv(64, 3, padding=1), POOL2, _conv(128, 3, padding=1), _conv(128, 3, padding=1), POOL2,
+                   FLAT, _dense(256), _dense("classes")],
+        "tutorial_bn": [_conv(32, 3, padding=1, bias=False), BN, RELU, _conv(32, 3, padding=1, bias=False), BN, RELU,
+                        POOL2, _conv(64, 3, padding=1, bias=False), BN, RELU, _conv(64, 3, padding=1, bias=False), BN,
+                        RELU, POOL2, _conv(128, 3, padding=1, bias=False), BN, RELU,
+                        _conv(128, 3, padding=1, bias=False), BN, RELU, POOL2, FLAT, _dense(256, bias=False), BN,
+                        RELU, _dense("classes")],
+        "datasets": ["cifar10", "fashion-mnist", "mnist", "image-folder"],
+    },
+    "resnet20": {
+        "name": "resnet20",
+        "description": "He et al. 2016's CIFAR ResNet-20: 3 stages x 3 basic blocks, 16/32/64 channels, 0.27 M parameters",
+        "activation": "relu",
+        # a Python network (bnlab.models.resnet); bn=tutorial is the paper's conv -> BN -> ReLU
+        "python": "bnlab.models.resnet:resnet20",
+        "tutorial_bn": True,
+        "datasets": ["cifar10", "fashion-mnist", "mnist", "image-folder"],
+    },
 }
 
 
 def get_spec(name: str) -> dict:
     if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass a spec .toml file")
+        raise ConfigError(f"unknown model {name!r}{suggest(name, ZOO)} (the zoo: {', '.join(ZOO)}; or a spec .toml "
+                          "file, or your own network as path/to/file.py:factory or package.module:factory)")
     return ZOO[name]

@@ -229,8 +229,23 @@ CHOICES = ("auto", "cpp", "eager")
 
 
 def set_backend(choice: str = "auto"):
-    """Choose where BN runs from now on: ``auto`` (compiled kernels if they build), ``cpp`` (an
-    error if they cannot be built) or ``eager`` (PyTorch ops). Returns the backend in effect."""
+    """Choose where BN runs from now on, in this process (overrides ``BNLAB_BN_BACKEND``).
+
+    Args:
+        choice: ``auto`` (the compiled kernels if they build, else ``eager`` with a warning),
+            ``cpp`` (the compiled kernels or an error) or ``eager`` (PyTorch ops). The first
+            ``auto`` or ``cpp`` compiles the kernels (~30 s once, then cached).
+
+    Returns:
+        The backend in effect; its ``name`` is ``cpp`` or ``eager``.
+
+    Raises:
+        ConfigError: an unknown choice, or ``cpp`` when the kernels cannot be built.
+
+    Example::
+
+        set_backend("eager").name   # 'eager': plain PyTorch ops from now on
+    """
     global _chosen
     if choice not in CHOICES:
         raise ConfigError(f"BN backend {choice!r} does not exist: use auto, cpp or eager "
@@ -258,5 +273,12 @@ def get_backend(x: torch.Tensor | None = None):
 
 
 def backend_name() -> str:
-    """``cpp`` or ``eager``: which backend float32 CPU inputs use right now."""
+    """``cpp`` or ``eager``: which backend float32 CPU inputs use right now.
+
+    On first use this chooses the backend (see :func:`set_backend`), which may compile the kernels.
+
+    Example::
+
+        backend_name()   # 'cpp' where gcc and ninja built the kernels
+    """
     return get_backend(torch.empty(0)).name

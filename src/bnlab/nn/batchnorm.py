@@ -62,12 +62,14 @@ class _BatchNorm(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches tracked (as a new layer)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
+        """Reset the running statistics and set gamma to 1 and beta to 0."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
@@ -127,15 +129,54 @@ class _Dims3d:
 
 
 class BatchNorm1d(_Dims1d, _BatchNorm):
-    """Batch norm over ``(N, C)`` or ``(N, C, L)`` inputs: one statistic per feature/channel."""
+    """Batch norm over ``(N, C)`` or ``(N, C, L)`` inputs: one statistic per feature/channel.
+
+    Same arguments, state dict and results as ``torch.nn.BatchNorm1d`` (see the module docstring
+    for the math).
+
+    Args:
+        num_features: ``C``, the number of features or channels.
+        eps: added to the variance before the square root, for numerical stability.
+        momentum: weight of the current batch in the running averages; ``None``: cumulative
+            averages over all batches seen.
+        affine: learn a per-channel scale gamma (``weight``, init 1) and shift beta (``bias``, init 0).
+        track_running_stats: keep running averages for eval mode; ``False``: eval mode uses the
+            batch's own statistics too.
+        device, dtype: of the parameters and buffers.
+        bias: with ``affine``, learn beta too (keyword only); ``False``: gamma only.
+
+    Example::
+
+        bn = BatchNorm1d(120)
+        y = bn(torch.randn(64, 120))      # training mode: batch statistics, running ones updated
+        bn.eval()                         # now the fixed affine map of Alg. 2
+    """
 
 
 class BatchNorm2d(_Dims2d, _BatchNorm):
-    """Batch norm over ``(N, C, H, W)`` inputs: one statistic per channel, over N, H, W."""
+    """Batch norm over ``(N, C, H, W)`` inputs: one statistic per channel, over N, H, W.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as for
+            :class:`BatchNorm1d` (and ``torch.nn.BatchNorm2d``).
+
+    Example::
+
+        bn = BatchNorm2d(16)
+        y = bn(torch.randn(8, 16, 28, 28))
+        bn.load_state_dict(torch.nn.BatchNorm2d(16).state_dict())   # state dicts interchangeable
+    """
 
 
 class BatchNorm3d(_Dims3d, _BatchNorm):
-    """Batch norm over ``(N, C, D, H, W)`` inputs: one statistic per channel."""
+    """Batch norm over ``(N, C, D, H, W)`` inputs: one statistic per channel, over N, D, H, W.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as for
+            :class:`BatchNorm1d` (and ``torch.nn.BatchNorm3d``).
+    """
 
 
 TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -143,16 +184,40 @@ BNLAB_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """True for any bnlab or torch batch-norm layer (variants included)."""
+    """True for any bnlab or torch batch-norm layer (variants included).
+
+    Args:
+        module: any ``nn.Module``.
+
+    Example::
+
+        [name for name, m in net.named_modules() if is_batchnorm(m)]   # the BN layers of net
+    """
     return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
 
 
 def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     """Swap batch-norm layers in place between torch's and bnlab's, keeping config, state and mode.
 
-    ``to="bnlab"`` replaces ``torch.nn.BatchNorm1d/2d/3d``; ``to="torch"`` replaces bnlab's plain
-    ``BatchNorm1d/2d/3d`` (variants have no torch counterpart and stay). Returns ``model``
-    (a bare BN module is returned converted, since it cannot be replaced in place).
+    Only the exact classes are swapped: subclasses and bnlab's variants (which have no torch
+    counterpart) stay as they are.
+
+    Args:
+        model: any module; its children are replaced recursively.
+        to: ``bnlab`` replaces ``torch.nn.BatchNorm1d/2d/3d`` by bnlab's; ``torch`` the reverse.
+
+    Returns:
+        ``model``, changed in place; a bare BN module is returned converted, since it cannot be
+        replaced in place.
+
+    Raises:
+        ConfigError: ``to`` is neither ``bnlab`` nor ``torch``.
+
+    Example::
+
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+        convert(net)              # net[1] is now a bnlab.nn.BatchNorm1d with the same state
+        convert(net, to="torch")  # and back
     """
     if to not in ("bnlab", "torch"):
         from bnlab.errors import ConfigError

@@ -74,7 +74,14 @@ class BatchNormEval(torch.autograd.Function):
 
 
 def verify_batch_size(size: torch.Size) -> None:
-    """Batch statistics need more than one value per channel (as torch checks)."""
+    """Batch statistics need more than one value per channel (as torch checks).
+
+    Args:
+        size: the input's size ``(N, C, ...)``.
+
+    Raises:
+        ValueError: ``N`` times the spatial sizes is 1 (e.g. a batch of one dense example).
+    """
     values = size[0]
     for d in size[2:]:
         values *= d
@@ -83,7 +90,20 @@ def verify_batch_size(size: torch.Size) -> None:
 
 
 def batch_norm_stats(input, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5):
-    """Training-mode batch norm returning ``(y, batch_mean, batch_var)`` (biased variance)."""
+    """Training-mode batch norm returning ``(y, batch_mean, batch_var)`` (biased variance).
+
+    Args:
+        input: ``(N, C, ...)``.
+        running_mean, running_var: ``(C,)`` tensors updated in place (the variance unbiased), or
+            ``None`` for none.
+        weight, bias: gamma and beta, ``(C,)`` or ``None`` (1 and 0).
+        momentum: weight of this batch in the running averages.
+        eps: added to the variance before the square root.
+
+    Returns:
+        ``y`` shaped like ``input`` (differentiable), and the batch mean and biased batch
+        variance per channel, ``(C,)`` each (without gradient).
+    """
     verify_batch_size(input.size())
     return get_backend(input).train(input, weight, bias, running_mean, running_var, momentum, eps)
 
@@ -91,8 +111,27 @@ def batch_norm_stats(input, running_mean, running_var, weight=None, bias=None, m
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """Drop-in for ``torch.nn.functional.batch_norm`` (same arguments, same results).
 
-    ``training=True`` normalizes with batch statistics and, when running tensors are given,
-    updates them in place; ``training=False`` uses ``running_mean``/``running_var``.
+    Args:
+        input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``.
+        running_mean, running_var: ``(C,)`` running statistics; required when ``training=False``.
+        weight, bias: gamma and beta, ``(C,)`` or ``None`` (1 and 0).
+        training: ``True``: normalize with the batch's statistics (Alg. 1) and, when running
+            tensors are given, update them in place; ``False``: use the running ones (Alg. 2).
+        momentum: weight of this batch in the running averages.
+        eps: added to the variance before the square root.
+
+    Returns:
+        The normalized tensor, shaped like ``input``.
+
+    Raises:
+        ValueError: ``training=False`` without running statistics, or ``training=True`` with one
+            value per channel.
+
+    Example::
+
+        x = torch.randn(8, 3)
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = batch_norm(x, rm, rv, training=True)   # == torch.nn.functional.batch_norm(...); rm, rv updated
     """
     if training:
         return batch_norm_stats(input, running_mean, running_var, weight, bias, momentum, eps)[0]

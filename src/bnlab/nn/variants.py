@@ -77,11 +77,37 @@ class _BatchRenorm(_BatchNorm):
 
 
 class BatchRenorm1d(_Dims1d, _BatchRenorm):
-    """Batch Renormalization over ``(N, C)`` or ``(N, C, L)`` inputs."""
+    """Batch Renormalization over ``(N, C)`` or ``(N, C, L)`` inputs (see the module docstring).
+
+    Eval mode is plain BN with the running statistics, which always exist here.
+
+    Args:
+        num_features: ``C``, the number of features or channels.
+        eps, momentum, affine, device, dtype: as for :class:`bnlab.nn.BatchNorm1d`.
+        rmax: the largest correction of the scale, ``r`` in ``[1/rmax, rmax]``; at least 1.
+        dmax: the largest correction of the shift, ``d`` in ``[-dmax, dmax]``, in running
+            standard deviations; at least 0.
+        warmup_steps: ``(start, end)`` training steps: ``rmax, dmax`` are ``1, 0`` (plain BN)
+            until ``start`` and grow linearly to their full values at ``end``. ``(0, 0)``, the
+            default: full values from the first step.
+
+    Raises:
+        ConfigError: ``rmax < 1``, ``dmax < 0`` or a bad ``warmup_steps``.
+
+    Example::
+
+        bn = BatchRenorm1d(100, rmax=3.0, dmax=5.0, warmup_steps=(5000, 40000))
+        bn.current_limits()   # (1.0, 0.0) before step 5000
+    """
 
 
 class BatchRenorm2d(_Dims2d, _BatchRenorm):
-    """Batch Renormalization over ``(N, C, H, W)`` inputs."""
+    """Batch Renormalization over ``(N, C, H, W)`` inputs: one statistic per channel.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps, momentum, affine, rmax, dmax, warmup_steps, device, dtype: as for :class:`BatchRenorm1d`.
+    """
 
 
 class _GhostBatchNorm(_BatchNorm):
@@ -117,8 +143,31 @@ class _GhostBatchNorm(_BatchNorm):
 
 
 class GhostBatchNorm1d(_Dims1d, _GhostBatchNorm):
-    """Ghost Batch Normalization over ``(N, C)`` or ``(N, C, L)`` inputs."""
+    """Ghost Batch Normalization over ``(N, C)`` or ``(N, C, L)`` inputs (see the module docstring).
+
+    In training, each run of ``virtual_batch_size`` consecutive examples of a batch is normalized
+    with its own statistics; eval mode is plain BN with the running statistics.
+
+    Args:
+        num_features: ``C``, the number of features or channels.
+        virtual_batch_size: examples per virtual batch, at least 2 (the second positional
+            argument, unlike torch's layers: pass the others by name).
+        eps, momentum, affine, device, dtype: as for :class:`bnlab.nn.BatchNorm1d`.
+
+    Raises:
+        ConfigError: ``virtual_batch_size < 2``.
+
+    Example::
+
+        bn = GhostBatchNorm1d(120, virtual_batch_size=32)
+        y = bn(torch.randn(1000, 120))   # statistics of 31 virtual batches of 32 and one of 8
+    """
 
 
 class GhostBatchNorm2d(_Dims2d, _GhostBatchNorm):
-    """Ghost Batch Normalization over ``(N, C, H, W)`` inputs."""
+    """Ghost Batch Normalization over ``(N, C, H, W)`` inputs: statistics per channel and virtual batch.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        virtual_batch_size, eps, momentum, affine, device, dtype: as for :class:`GhostBatchNorm1d`.
+    """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bnlab.errors import ConfigError
 from bnlab.experiments import RunStore, compare, group, rows
-from bnlab.experiments.analysis import check_where_matches, mixture_note, strata, varying
+from bnlab.experiments.analysis import check_where_matches, mixture_note, sort_rows, strata, t_critical, varying
 from bnlab.experiments.store import METRICS
 
 TABLE_SETTINGS = ("model", "bn", "norm", "lr", "batch_size", "optimizer", "epochs")
@@ -27,6 +27,8 @@ def _fmt(v, column: str = "") -> str:
             return str(v)
         if column.startswith("seconds"):
             return f"{v:.1f}"
+        if 0 < abs(v) < 0.001:
+            return f"{v:.2g}"  # a learning rate of 1e-05, not 0.0000
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
@@ -43,20 +45,6 @@ def format_table(records: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(f"{c:>{widths[c]}}" for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(f"{_fmt(r.get(c), c):>{widths[c]}}" for c in columns) for r in records]
     return "\n".join(lines)
-
-
-def sort_rows(records: list[dict], metric: str | None) -> list[dict]:
-    if not metric:
-        return records
-    if records and metric not in records[0]:
-        raise ConfigError(f"--sort: unknown column {metric!r}")
-    # accuracies sort best first; losses and times smallest first; missing values last
-    descending = not (metric.endswith("loss") or metric.endswith("loss_mean") or metric.startswith("seconds"))
-    numeric = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-    other = [r for r in records if r not in numeric]
-    numeric.sort(key=lambda r: r[metric], reverse=descending)
-    other.sort(key=lambda r: str(r.get(metric)))
-    return numeric + other
 
 
 def results_table(store: RunStore, sweep: str | None, where=None, sort: str | None = "test_acc",
@@ -166,26 +154,206 @@ def plot_sweep(store: RunStore, sweep: str, path: str | Path, metric: str = "tes
                                                        "mean over seeds; band: min-max for 2 seeds, ±1 std for 3+")
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+# table headers in words; a metric column (test_acc, test_acc_mean, ...) is named by metric_name
+COLUMN_LABELS = {"run_id": "run", "epochs_done": "epochs done", "seconds": "seconds (total)", "ci95": "± 95% CI"}
+
+
+def _column_label(column: str) -> str:
+    from bnlab.report.plots import metric_name
+
+    for m in ("train_acc", "test_acc", "train_loss", "test_loss"):
+        if column.startswith(m):
+            stat = column[len(m) + 1:]
+            return f"{metric_name(m)} {COLUMN_LABELS.get(stat, stat)}".strip()
+    return COLUMN_LABELS.get(column, column)
 
 
 def _html_table(records: list[dict], columns: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(_column_label(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c), c))}</td>" for c in columns) + "</tr>"
                    for r in records)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _settings_table(config: dict) -> str:
+    """A sweep config as a table of setting | value(s) | gridded, the gridded settings first."""
+    def words(v):
+        return ", ".join(map(words, v)) if isinstance(v, list) else v if isinstance(v, str) else json.dumps(v)
+
+    grid = config.get("grid", {})
+    others = {**{k: v for k, v in config.items() if k not in ("name", "description", "claim", "fixed", "grid")},
+              **config.get("fixed", {})}
+    records = ([{"setting": k, "value(s)": words(v), "gridded": f"yes ({len(v)} values)"} for k, v in grid.items()]
+               + [{"setting": k, "value(s)": words(v), "gridded": ""} for k, v in others.items()])
+    return f"<div class='settings'>{_html_table(records, ['setting', 'value(s)', 'gridded'])}</div>"
+
+
+def _settings(cfg: dict, versions: list[dict]) -> list[str]:
+    """Every config version the sweep was run with (one when it never changed), as tables."""
+    if len(versions) < 2:
+        return ["<h2>Settings</h2>", _settings_table(cfg)]
+    parts = ["<h2>Settings</h2>",
+             f"<p><b>This sweep was run with {len(versions)} configs</b>; runs of different configs are "
+             "different experiments and are never pooled:</p><ul>"
+             + "".join(f"<li>{html.escape(line)}</li>" for line in config_changes(versions)) + "</ul>"]
+    for v in versions:
+        parts += [f"<h3>config version {v['version']} ({len(v['run_ids'])} runs)</h3>", _settings_table(v["config"])]
+    return parts
+
+
+def _judge(level: dict, epoch: int | None) -> str:
+    """Whether a claimed value is what one run gives. A tutorial reports a single run, so its value
+    reproduces when it lies where 95% of single runs fall: mean ± t·s·√(1 + 1/n) over the seeds
+    (the CI of the mean would call every claim wrong once enough seeds are run). With 2 seeds t is
+    12.7 and anything would pass, so it takes 3 or more."""
+    if level["claimed"] is None:
+        return "no number claimed"
+    if level["measured_mean"] is None:
+        return "no finished runs yet"
+    if epoch and level["at_epoch"] != epoch:
+        return f"not comparable: the runs end at epoch {level['at_epoch']}, the claim is at epoch {epoch}"
+    n = level["n"]
+    if n < 3:
+        return f"{n} seed(s): too few to judge, run 3 or more"
+    spread = t_critical(n - 1) * level["measured_std"] * math.sqrt(1 + 1 / n)
+    return "reproduces" if abs(level["claimed"] - level["measured_mean"]) <= spread else "does not reproduce"
+
+
+def _claimed_difference(c: dict, runs: list[dict]) -> tuple[str, str] | None:
+    """For a claim of two or more values: ``(status, words)`` of the Welch test between the two
+    levels claimed highest, status ``same`` (significant, the claimed way round), ``reversed``
+    (significant, the other way) or ``unclear``; None for a claim of one value."""
+    by = c["by"]
+    claimed = sorted((lv for lv in c["levels"] if lv["claimed"] is not None), key=lambda lv: -lv["claimed"])
+    if len(claimed) < 2:
+        return None
+    a, b = claimed[0][by], claimed[1][by]
+    said = (f"Claimed: {by}={a} higher than {by}={b} by {(claimed[0]['claimed'] - claimed[1]['claimed']) * 100:.2f} "
+            "points. Measured: ")
+    try:
+        measured = compare([r for r in runs if r[by] in (a, b)], by, c["metric"])
+    except ConfigError as e:
+        return "unclear", f"{said}no test ({e})"
+    higher = max(measured["levels"], key=lambda lv: lv["mean"])[by]
+    status = "unclear" if not measured["tests"][0]["p"] < 0.05 else "same" if higher == a else "reversed"
+    return status, said + _effect_words(measured)
+
+
+def _claim_verdict(c: dict, runs: list[dict]) -> str:
+    """The claim, the measured value (95% CI of the mean) next to each claimed one, and the verdict.
+    ``c`` is :func:`~bnlab.experiments.reproduce.comparison` of the recipe, ``runs`` its rows."""
+    from bnlab.report.plots import metric_name
+
+    def pct(v):
+        return "-" if v is None else f"{v * 100:.2f}%"
+
+    by = c["by"]
+    measured = f"measured {metric_name(c['metric'])}" + (f" at epoch {c['epoch']}" if c["epoch"] else " (final)")
+    records = [{by: lv[by], "claimed": pct(lv["claimed"]), "seeds": lv["n"], "verdict": _judge(lv, c["epoch"]),
+                measured: pct(lv["measured_mean"]) + (f" ± {ci * 100:.2f}" if (ci := lv["measured_ci95"]) else "")}
+               for lv in c["levels"]]
+    verdicts = {r["verdict"] for r in records}
+    status, difference = _claimed_difference(c, runs) or (None, "")
+    difference = f"<p class='answer'>{html.escape(difference)}</p>" if difference else ""
+    if verdicts == {"no number claimed"}:
+        answer = "states no number: judge it by the measured effect"
+        difference = _effect_verdict(runs, by, c["metric"])
+    elif not verdicts & {"reproduces", "does not reproduce"}:
+        answer = "is not judged (see the table)"
+    elif "does not reproduce" in verdicts or status == "reversed":
+        answer = "does not reproduce"
+    elif status == "unclear":
+        answer = "partly reproduces: the values do, the claimed difference is not significant here"
+    else:
+        answer = "reproduces"
+    return (f"<p class='answer'>Claim: {html.escape(c['claim'])}</p>"
+            f"<p class='answer'>Verdict: the claim <b>{html.escape(answer)}</b></p>" + difference
+            + _html_table(records, [by, "claimed", measured, "seeds", "verdict"])
+            + "<p class='note'>± is the 95% CI of the mean over seeds. A claim is one run, so a claimed value "
+              "reproduces when it lies where 95% of single runs fall (mean ± t·s·√(1 + 1/n)).</p>")
+
+
+def _effect_words(c: dict) -> str:
+    """compare()'s best level against the next best in words: ``bn=after is better than bn=none by
+    3.10 points of test accuracy (95% CI 1.20 to 5.00), Welch p = 0.002``."""
+    from bnlab.report.plots import metric_name
+
+    by, t = c["by"], c["tests"][0]
+    best, second = c["levels"][0], c["levels"][1]  # compare() sorts the levels best first
+    scale, unit, digits = (100, " points", ".2f") if c["metric"].endswith("acc") else (1, "", ".3g")
+    gain = abs(t["diff"]) * scale
+    what = f"{by}={t['a']} is ahead of {by}={t['b']} by {gain:{digits}}{unit} of {metric_name(c['metric'])}"
+    if len(c["levels"]) > 2:
+        what += f" (the best two of {len(c['levels'])} values; every pair is tested below)"
+    if math.isnan(t["p"]):
+        return f"{what}, but with {min(best['n'], second['n'])} seed(s) per side there is no test: run more seeds"
+    va, vb = best["std"] ** 2 / best["n"], second["std"] ** 2 / second["n"]
+    df = (va + vb) ** 2 / (va ** 2 / (best["n"] - 1) + vb ** 2 / (second["n"] - 1))  # Welch-Satterthwaite
+    half = t_critical(df) * math.sqrt(va + vb) * scale
+    numbers = f"(95% CI {gain - half:{digits}} to {gain + half:{digits}}), Welch p = {t['p']:.2g}"
+    if t["p"] < 0.05:
+        return f"{what.replace(' is ahead of ', ' is better than ', 1)} {numbers}"
+    return f"No clear difference: {what} {numbers}"
+
+
+def _effect_verdict(flat: list[dict], by: str, metric: str = "test_acc") -> str:
+    """The effect of ``by`` in words, once per experiment (combination of the other varied settings)."""
+    out = []
+    for fixed, part in strata(flat, by):
+        where = ", ".join(f"{k}={v}" for k, v in fixed.items())
+        lead = f"<b>Runs with {html.escape(where)}:</b> " if where else ""
+        try:
+            out.append(f"<p class='answer'>{lead}{html.escape(_effect_words(compare(part, by, metric)))}</p>")
+        except ConfigError as e:
+            out.append(f"<p class='answer'>{lead}no comparison of {html.escape(by)}: {html.escape(str(e))}</p>")
+    return "".join(out)
+
+
+def _comparisons(flat: list[dict], by: str, metrics: list[str]) -> list[str]:
+    """Per experiment and metric: each level of ``by`` (mean, std, CI over seeds) and every Welch test."""
+    from bnlab.report.plots import metric_name
+
+    parts = []
+    for fixed, part in strata(flat, by):
+        where = ", ".join(f"{k}={v}" for k, v in fixed.items())
+        for metric in metrics:
+            title = html.escape(f"Effect of {by} on {metric_name(metric)}" + (f" (runs with {where})" if where else ""))
+            try:
+                c = compare(part, by, metric)
+            except ConfigError as e:
+                parts.append(f"<p>{title}: no comparison: {html.escape(str(e))}</p>")
+                continue
+            parts += [f"<h3>{title}</h3>", _html_table(c["levels"], [by, "n", "mean", "std", "ci95"]),
+                      "<ul>" + "".join(f"<li>{html.escape(t['verdict'])}</li>" for t in c["tests"]) + "</ul>"]
+    return parts
+
+
+STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child,.settings td,.settings th{text-align:left}img{max-width:100%}
+#verdict{background:#eef5ff;border-left:5px solid #3a6fd8;padding:.2em 1em 1em;margin:1em 0}
+.answer{font-size:1.1em}.note{color:#555;font-size:.9em}"""
+
+
 def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = None) -> Path:
-    """One self-contained HTML file: config(s), grouped results, per-run table, comparison, curves
-    (PNG figures embedded as data URIs, no external files or scripts).
+    """One self-contained HTML file (figures as data URIs, plotly.js inlined; nothing is fetched),
+    in the order a reader wants: the verdict (the recipe's claim against the measurement, or else
+    the effect of ``by`` with its Welch test), the figures, the settings, then the tables.
 
     When the sweep holds different experiments (its config changed under the same name, so runs
     differ in more than the compared setting and the seed), every config version is shown and
     the effect of ``by`` is tested separately within each experiment.
     """
+    from bnlab.experiments.config import SweepConfig
+    from bnlab.experiments.reproduce import comparison, runs_of
+    from bnlab.report.interactive import sweep_view
+    from bnlab.report.plots import metric_name
+
     cfg = store.sweep_config(sweep)
     versions = store.sweep_versions(sweep)
     flat = rows(store.runs(sweep))
@@ -193,48 +361,41 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
     varied = list(varying(finished))
     gridded = [k for k in cfg.get("grid", {}) if k in varied]
     by = by or (gridded or varied or [None])[0]
-    parts = [f"<h1>bnlab sweep: {html.escape(sweep)}</h1>",
-             f"<p>{html.escape(cfg.get('description') or '')}</p>"]
-    if len(versions) > 1:
-        parts.append(f"<p><b>This sweep was run with {len(versions)} configs</b>; runs of different configs are "
-                     "different experiments and are never pooled:</p><ul>"
-                     + "".join(f"<li>{html.escape(line)}</li>" for line in config_changes(versions)) + "</ul>")
-        for v in versions:
-            parts.append(f"<h3>config version {v['version']} ({len(v['run_ids'])} runs)</h3>"
-                         f"<pre>{html.escape(json.dumps(v['config'], indent=2))}</pre>")
-    else:
-        parts.append(f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>")
     claim = cfg.get("claim") or {}
     if claim.get("text"):
-        parts.append(f"<p><b>Tutorial claim:</b> {html.escape(claim['text'])}</p>")
-    if varied:
-        grouped = group(flat, varied)
-        cols = varied + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc") for s in ("mean", "std", "ci95")]
-        parts += ["<h2>Mean over seeds</h2>", _html_table(grouped, cols)]
-    if by:
-        # held-out accuracy always; the claim's own metric too when it is another one
-        for fixed, part in strata(flat, by):
-            where = ", ".join(f"{k}={v}" for k, v in fixed.items())
-            for metric in dict.fromkeys([claim.get("metric", "test_acc"), "test_acc"]):
-                title = f"Effect of {by} on {metric}" + (f" (runs with {where})" if where else "")
-                try:
-                    c = compare(part, by, metric)
-                    parts += [f"<h2>{html.escape(title)}</h2>", f"<pre>{html.escape(format_compare(c))}</pre>"]
-                except ConfigError as e:
-                    parts.append(f"<p>{html.escape(title)}: no comparison: {html.escape(str(e))}</p>")
+        recipe = SweepConfig(cfg["name"], cfg["dataset"], cfg["seeds"], cfg.get("fixed", {}), cfg.get("grid", {}),
+                             claim)
+        verdict = _claim_verdict(comparison(store, recipe), runs_of(store, recipe))
+    elif by:
+        verdict = _effect_verdict(flat, by)
+    else:
+        verdict = ("<p class='answer'>Every finished run has the same settings: there is nothing to compare.</p>"
+                   if finished else "<p class='answer'>No run of this sweep has finished yet.</p>")
+    parts = [f"<h1>bnlab sweep: {html.escape(sweep)}</h1>", f"<p>{html.escape(cfg.get('description') or '')}</p>",
+             f'<section id="verdict"><h2>Verdict</h2>{verdict}</section>']
+    view = sweep_view(finished, varied)
+    if view:
+        parts += ["<h2>Every run at a glance</h2>",
+                  "<p class='note'>Interactive: hover for values, drag along an axis to select runs.</p>", view]
     with tempfile.TemporaryDirectory() as tmp:
         for metric in ("test_acc", "train_acc", "test_loss"):
             try:
                 png = plot_sweep(store, sweep, Path(tmp) / f"{metric}.png", metric, varied)
-                parts += [f"<h2>{metric}</h2>", _img(png)]
+                parts += [f"<h2>{metric_name(metric).capitalize()} over epochs</h2>", _img(png, metric_name(metric))]
             except ConfigError:
                 break
+    parts += _settings(cfg, versions)
+    if varied:
+        cols = varied + ["runs"] + [f"{m}_{s}" for m in ("train_acc", "test_acc") for s in ("mean", "std", "ci95")]
+        parts += ["<h2>Mean over seeds</h2>", _html_table(group(flat, varied), cols)]
+    if by:
+        # held-out accuracy always; the claim's own metric too when it is another one
+        parts += ["<h2>Comparisons</h2>"] + _comparisons(flat, by, list(dict.fromkeys([claim.get("metric", "test_acc"),
+                                                                                         "test_acc"])))
     cols = ["run_id", "status"] + varied + ["seed", "epochs_done", "train_acc", "test_acc", "test_loss", "seconds"]
     parts += ["<h2>Runs</h2>", _html_table([{**r, "run_id": r["run_id"][:8]} for r in flat], cols)]
-    doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>bnlab: " + html.escape(sweep) + "</title>"
-           "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px}"
-           "img{max-width:100%}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>bnlab: {html.escape(sweep)}</title>"
+           f"<style>{STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>")
     from bnlab._files import atomic_path
 
     path = Path(path)

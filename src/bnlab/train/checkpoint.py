@@ -129,10 +129,10 @@ def _first_line(e: BaseException) -> str:
 
 def _network(spec: dict, build: dict, folded: bool) -> nn.Module:
     """The network a spec describes (folded with :func:`bnlab.nn.fold_batchnorm` if asked)."""
-    from bnlab.models import build_from_spec  # models sit below train; imported here to keep startup light
+    from bnlab.models import build as build_network  # models sit below train; imported here to keep startup light
     from bnlab.nn import fold_batchnorm
 
-    model = build_from_spec(spec, **{k: v for k, v in build.items() if k != "folded"})
+    model = build_network(spec, **{k: v for k, v in build.items() if k != "folded"})
     return fold_batchnorm(model)[0] if folded else model
 
 

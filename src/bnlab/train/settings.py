@@ -50,7 +50,8 @@ class TrainSettings:
     """
 
     dataset: str = setting("fashion-mnist", "dataset name (see 'bnlab data list')")
-    model: str = setting("deeplizard-cnn", "zoo name (see 'bnlab models list') or a spec .toml file")
+    model: str = setting("deeplizard-cnn", "zoo name (bnlab models list), a spec .toml file, or your own network: "
+                                            "path/to/file.py:factory or package.module:factory")
     bn: str = setting("none", "where BN goes: none, before/after every activation, or the tutorial's own placement",
                       choices=BN_PLACEMENTS)
     bn_impl: str = setting("bnlab", "bnlab's BN layers or torch's", choices=BN_IMPLS)
