@@ -30,6 +30,11 @@ class SweepSummary:
     threads: int | None = None  # torch threads per run (part of each run's identity)
     version: int | None = None  # the config's version in the store
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "nothing in the store"
+        return (f"SweepSummary({self.name!r}: {self.total} run(s), {self.skipped} already finished, "
+                f"{len(self.finished)} ended now in {self.seconds:.1f}s; store: {counts})")
+
     @property
     def failed(self) -> int:
         return self.counts.get("failed", 0)

@@ -1,7 +1,7 @@
 """Looking inside: the BN doctor, and (re-exported from :mod:`bnlab.train.activations`, where the
 training callback lives) activation statistics over training (internal covariate shift)."""
 
-from bnlab.inspect.doctor import diagnose, fix
+from bnlab.inspect.doctor import diagnose, fix, format_diagnosis
 from bnlab.train.activations import ActivationTracker, default_layers, shift_summary, snapshot
 
-__all__ = ["ActivationTracker", "default_layers", "shift_summary", "snapshot", "diagnose", "fix"]
+__all__ = ["ActivationTracker", "default_layers", "shift_summary", "snapshot", "diagnose", "fix", "format_diagnosis"]

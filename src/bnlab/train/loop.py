@@ -161,10 +161,16 @@ def interactive() -> bool:
 
 
 def _progress_bar(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm  # a widget in notebooks (with ipywidgets), text in terminals
-
     # enabled=None: show the bar only where someone watches (terminal or notebook)
     disable = not interactive() if enabled is None else not enabled
+    if disable:
+        from tqdm import tqdm
+    else:
+        try:  # a widget in notebooks that have ipywidgets, else text (tqdm.auto would warn)
+            import ipywidgets  # noqa: F401
+            from tqdm.auto import tqdm
+        except ImportError:
+            from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=disable, mininterval=0.2,
                 dynamic_ncols=True, file=sys.stderr)
 
