@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="test_acc", help="column to sort by (default test_acc, best first)")
     p.add_argument("--by", "--group-by", dest="by", metavar="SETTINGS",
                    help="group by these settings, e.g. model,bn: mean, std and 95%% CI over seeds")
-    p.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"), help="how to print the rows")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.set_defaults(func=cmd_results)
 

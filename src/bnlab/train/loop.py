@@ -287,7 +287,7 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         history.status = "failed"
         raise
     finally:
+        model.eval()
         for cb in began:
             cb.on_train_end(state)
-        model.eval()
     return history
