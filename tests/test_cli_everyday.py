@@ -117,6 +117,8 @@ def test_unknown_names_get_a_did_you_mean(capsys):
     one_line_error(capsys, "unknown model 'keras-mpl'", "did you mean 'keras-mlp'")
     assert main(["sweep", "deeplizrd"]) == 2
     one_line_error(capsys, "did you mean 'deeplizard'")
+    assert main(["data", "info", "fashon-mnist"]) == 2
+    one_line_error(capsys, "did you mean 'fashion-mnist'")
     assert main(["reproduce", "iofe"]) == 2
     one_line_error(capsys, "did you mean 'ioffe'")
 

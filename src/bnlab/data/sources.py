@@ -18,7 +18,7 @@ import torch
 from bnlab.data import cifar, imagefolder
 from bnlab.data.dataset import Dataset, Standardizer
 from bnlab.data.idx import read_idx
-from bnlab.errors import ConfigError, DataFormatError, DataNotFoundError
+from bnlab.errors import ConfigError, DataFormatError, DataNotFoundError, suggest
 
 SPLITS = ("train", "test")
 
@@ -268,7 +268,7 @@ def get_source(name: str) -> Source:
         get_source("digits").description   # 'scikit-learn 8x8 digits, 1,797 images, fixed 75/25 split'
     """
     if name not in SOURCES:
-        raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown dataset {name!r}{suggest(name, SOURCES)}: choose one of {', '.join(SOURCES)}")
     return SOURCES[name]
 
 
