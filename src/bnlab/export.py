@@ -62,6 +62,8 @@ from bnlab.nn import FoldReport, backend_name, convert, fold_batchnorm, is_batch
 if TYPE_CHECKING:
     from bnlab.train import Checkpoint
 
+__all__ = ["to_onnx", "export_checkpoint", "ExportReport", "ExportError", "Standardize"]
+
 #: How many inputs the export-time check runs through both PyTorch and onnxruntime.
 CHECK_EXAMPLES = 256
 #: The seed of the random check inputs used when no dataset is given.
@@ -72,7 +74,18 @@ MISSING_EXTRA = "bnlab export needs the export extra: pip install 'bnlab[export]
 
 
 class ExportError(BnlabError):
-    """The network could not be exported, or the exported file does not compute what it computes."""
+    """The network could not be exported, or the exported file does not compute what it computes.
+
+    Raised by :func:`to_onnx` and :func:`export_checkpoint`; no file is written then. The message
+    names the exporter's error, or the largest logit difference and how many top-1 classes differ.
+
+    Example::
+
+        try:
+            to_onnx(net, "model.onnx", input_shape=(1, 28, 28))
+        except ExportError as e:
+            print(f"not exported: {e}")
+    """
 
 
 class Standardize(nn.Module):
@@ -81,6 +94,17 @@ class Standardize(nn.Module):
     Uses the standardizer's own float32 ``mean`` and ``1 / std`` tensors and the same two
     operations, so it gives the standardizer's results bit for bit. ``x`` is ``(N, C, ...)`` in
     raw units (0..255 for images); ``channel_dims`` is the number of dims after the batch dim.
+
+    Args:
+        standardizer: the training data's :class:`~bnlab.data.Standardizer` (mode ``none``
+            gives the identity).
+        channel_dims: ``len(input_shape)``: 3 for ``(C, H, W)`` images, 1 for ``(F,)`` features.
+
+    Example::
+
+        ck = bnlab.train.load_checkpoint("model.pt")
+        raw_net = nn.Sequential(Standardize(ck.standardizer, len(ck.input_shape)), ck.model)
+        raw_net(images.float())   # images: uint8 (N, *ck.input_shape), pixel values 0..255
     """
 
     def __init__(self, standardizer: Standardizer, channel_dims: int):
@@ -102,7 +126,13 @@ class ExportReport:
     largest |onnxruntime - PyTorch| logit over the ``checked`` inputs, ``top1_agree`` how many of
     them got the same top-1 class; ``batchnorm_nodes`` counts ``BatchNormalization`` nodes in the
     file; ``folded``/``left`` are the rows of the :class:`~bnlab.nn.FoldReport`; ``file_size`` in
-    bytes.
+    bytes. ``str(report)`` is the summary ``bnlab export`` prints; ``to_dict()`` gives plain values.
+
+    Example::
+
+        report = export_checkpoint(bnlab.train.load_checkpoint("model.pt"), "model.onnx")
+        print(report)
+        report.input_name, report.top1_agreement   # ('pixels', '256/256') for an image model
     """
 
     path: str
@@ -129,6 +159,7 @@ class ExportReport:
         return f"{self.top1_agree}/{self.checked}"
 
     def to_dict(self) -> dict:
+        """Every field as plain values (``input_shape`` a list), plus ``top1_agreement``."""
         return {**asdict(self), "input_shape": list(self.input_shape), "top1_agreement": self.top1_agreement}
 
     def __str__(self) -> str:
@@ -187,7 +218,17 @@ def to_onnx(model: nn.Module, path: str | Path, *, input_shape, standardizer: St
     Raises:
         ExportError: the exporter failed, or the file disagrees with PyTorch beyond
             ``tolerance`` or on a top-1 class; nothing is written then.
-        ConfigError: the ``export`` extra is missing, or an argument does not fit the model.
+        ConfigError: the ``export`` extra is missing, ``path`` cannot be written, or an argument
+            does not fit the model.
+
+    Example::
+
+        train, test = bnlab.data.load_splits("digits")
+        net = bnlab.models.build("keras-mlp", bn="after", input_shape=train.input_shape, num_classes=10)
+        bnlab.train.fit(net, train, test, batch_size=64, epochs=3)
+        report = to_onnx(net, "digits.onnx", input_shape=train.input_shape, standardizer=train.standardizer,
+                         classes=train.classes, check_data=test)
+        report.folded   # one row per BN layer: which Linear it was merged into
     """
     onnx, ort = _require_extra()
     path = check_writable(path, "ONNX file")
@@ -263,7 +304,26 @@ def export_checkpoint(ck: Checkpoint, path: str | Path, *, bake_standardization:
                       tolerance: float = 1e-4) -> ExportReport:
     """:func:`to_onnx` for a loaded :class:`bnlab.train.Checkpoint`: its network, input shape,
     standardizer and class names. The metadata also names the network (spec name and BN
-    placement) and the dataset it was trained on; no local paths from the settings."""
+    placement) and the dataset it was trained on; no local paths from the settings.
+
+    Args:
+        ck: the checkpoint (:func:`bnlab.train.load_checkpoint`; a folded one works too).
+        path: the ``.onnx`` file to write.
+        bake_standardization, check_data, opset, tolerance: as for :func:`to_onnx`; ``check_data``
+            is raw (its own standardization is ignored: the checkpoint's is used).
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        ExportError, ConfigError: as for :func:`to_onnx`.
+
+    Example::
+
+        ck = bnlab.train.load_checkpoint("model.pt")
+        test = bnlab.data.load(ck.settings["dataset"], "test")
+        print(export_checkpoint(ck, "model.onnx", check_data=test))
+    """
     extra = {"model": f"{ck.spec.get('name', '?')} bn={ck.build.get('bn', '?')}"}
     if ck.settings.get("dataset"):
         extra["trained_on"] = str(ck.settings["dataset"])

@@ -107,6 +107,11 @@ def test_bn_none_removes_every_bn_and_gives_the_conv_a_bias(netfile):
     assert bn_count(net) == 0
     assert net.stem.bias is not None and net.block.conv.bias is not None
     assert isinstance(net.bn, nn.Identity) and isinstance(net.block.bn, nn.Identity)
+    # the same seed gives the same conv weights with and without BN (as deeplizard seeds both nets)
+    with pytest.warns(UserWarning):
+        plain = models.build(f"{netfile}:make", bn="none", input_shape=(1, 28, 28), num_classes=10, seed=3)
+    with_bn = models.build(f"{netfile}:make", bn="tutorial", input_shape=(1, 28, 28), num_classes=10, seed=3)
+    assert torch.equal(plain.stem.weight, with_bn.stem.weight) and torch.equal(plain.head.weight, with_bn.head.weight)
 
 
 def test_bn_before_after_need_a_factory_that_takes_bn(netfile):

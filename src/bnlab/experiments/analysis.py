@@ -63,7 +63,24 @@ def _coerce(value: str, example):
 
 
 def parse_where(text: str | None) -> list[tuple[str, str]]:
-    """``"bn=after,lr=0.01"`` -> [("bn", "after"), ("lr", "0.01")]."""
+    """``"bn=after,lr=0.01"`` -> [("bn", "after"), ("lr", "0.01")].
+
+    The values stay strings: :func:`rows` converts each to the type of the setting it is
+    compared with. ``status`` is accepted as a key too (``status=failed``).
+
+    Args:
+        text: comma-separated ``key=value`` conditions (``None`` or ``""``: none).
+
+    Returns:
+        ``[(key, value), ...]`` with surrounding spaces stripped.
+
+    Raises:
+        ConfigError: a condition without ``=``.
+
+    Example::
+
+        parse_where("bn=after, lr=0.01")   # [('bn', 'after'), ('lr', '0.01')]
+    """
     if not text:
         return []
     out = []
@@ -80,6 +97,24 @@ def rows(runs: list[dict], where=None) -> list[dict]:
 
     Settings a run was stored without (it predates a setting) take the setting's default, so an
     added setting does not make old and new runs look like different experiments.
+
+    Args:
+        runs: run dicts as :meth:`RunStore.runs` returns them.
+        where: only the runs matching these conditions: a ``"bn=after,lr=0.01"`` string or
+            :func:`parse_where` pairs (``None``: every run).
+
+    Returns:
+        One dict per run: ``run_id``, ``status``, ``seed``, each setting, the final epoch's
+        metrics (``train_loss`` ... ``test_acc``; ``seconds`` is the total), ``epochs_done``,
+        ``config_versions`` and ``summary.<key>`` for each summary value (e.g. ``summary.ics_w1``).
+
+    Raises:
+        ConfigError: a ``where`` key that is neither a setting nor ``status``.
+
+    Example::
+
+        with RunStore("runs/bnlab.db", create=False) as store:
+            after = rows(store.runs("deeplizard-bn"), where="bn=tutorial")
     """
     from bnlab.train.settings import settings_fields
 
@@ -135,6 +170,24 @@ def group(rows_: list[dict], by: list[str], metrics=METRICS) -> list[dict]:
     A group holds runs whose settings are all equal but for the seed: any other setting that
     varies among ``rows_`` is added to ``by`` (see :func:`varying` and :func:`mixture_note`), so
     runs of different experiments are never averaged together.
+
+    Args:
+        rows_: rows from :func:`rows`; runs not ``done`` or ``diverged`` are left out.
+        by: the settings to group by.
+        metrics: the columns to summarize (non-finite values are skipped).
+
+    Returns:
+        One dict per group: its ``by`` (and other varying) settings, ``runs``, ``diverged``, and
+        ``<metric>_mean``, ``<metric>_std`` and ``<metric>_ci95`` (Student t half-width; None
+        with fewer than two values) for each metric.
+
+    Raises:
+        ConfigError: a ``by`` setting that the rows do not have.
+
+    Example::
+
+        for g in group(rows(store.runs("deeplizard-bn")), ["bn"]):
+            print(g["bn"], g["runs"], g["test_acc_mean"], g["test_acc_ci95"])
     """
     for k in by:
         if rows_ and k not in rows_[0]:
@@ -180,6 +233,27 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
     among ``rows_`` (say 1- and 2-epoch runs of the same sweep) this refuses with a message that
     says how to choose (``--where epochs=2``); :func:`strata` splits such rows for callers that
     want every comparison.
+
+    Args:
+        rows_: rows from :func:`rows`; only ``done`` runs with a finite ``metric`` count.
+        by: the setting whose levels are compared (e.g. ``bn``).
+        metric: a metric column, or a ``summary.<key>`` column.
+
+    Returns:
+        ``{"by", "metric", "levels", "tests", "fixed"}``: ``levels`` are ``{by: level, "n",
+        "mean", "std", "ci95"}``, best first (accuracies high, losses and seconds low);
+        ``tests`` are ``{"a", "b", "diff", "t", "p", "verdict"}`` per pair of levels (``t`` and
+        ``p`` are NaN without two seeds and some spread on a side); ``fixed`` the other
+        settings of the first row.
+
+    Raises:
+        ConfigError: an unknown ``by`` or ``metric``, fewer than two levels with finished runs,
+            or another setting that varies among the rows.
+
+    Example::
+
+        res = compare(rows(store.runs("deeplizard-bn")), "bn", "test_acc")
+        print(res["tests"][0]["verdict"])
     """
     from scipy import stats
 
@@ -251,6 +325,10 @@ def results(store, sweep: str | None = None, *, where=None, by=None, sort: str |
         where: ``"bn=after,lr=0.01"``: only the runs matching.
         by: group by these settings.
         sort: the column to sort by, best first (losses ascending); None keeps the run order.
+
+    Raises:
+        ConfigError: no such store or sweep, an unknown setting in ``where`` or ``by``, an
+            unknown ``sort`` column, or a ``where`` that matches no run (naming the values that exist).
 
     Example::
 

@@ -40,7 +40,6 @@ from bnlab.errors import ConfigError, suggest
 from bnlab.train.settings import NOT_IDENTITY, TrainSettings, identity_hash  # noqa: F401 (re-exported)
 
 CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description"}
-# settings that describe where data lives, not what the run is: left out of the run's identity
 # a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)
 MAX_RUNS = 10_000
 
@@ -48,7 +47,15 @@ MAX_RUNS = 10_000
 @dataclass
 class Run:
     """One run of a sweep: its identity, its settings and the torch threads it runs with
-    (``None``: not part of its identity, as for ``cfg.runs()`` without ``threads``)."""
+    (``None``: not part of its identity, as for ``cfg.runs()`` without ``threads``).
+
+    Made by :meth:`SweepConfig.iter_runs`; ``run_id`` is :func:`run_id` of the settings and threads.
+
+    Example::
+
+        run = load_config("deeplizard").runs()[0]
+        run.label, run.settings.bn   # ('0d9f32f0 seed=50', 'none')
+    """
 
     run_id: str
     settings: TrainSettings
@@ -56,6 +63,7 @@ class Run:
 
     @property
     def label(self) -> str:
+        """``"<first 8 hex digits of the id> seed=<seed>"``, as sweep progress lines show it."""
         return f"{self.run_id[:8]} seed={self.settings.seed}"
 
     def stored_settings(self) -> dict:
@@ -68,6 +76,32 @@ class Run:
 
 @dataclass
 class SweepConfig:
+    """A sweep: fixed settings, a grid of values and seeds; its runs are the grid's cartesian
+    product times the seeds (see the module docstring for the TOML form).
+
+    Make one with :func:`load_config` (a file or a recipe) or :func:`parse_config` (a dict), which
+    check every value; constructing one directly checks nothing (call :meth:`check`).
+
+    Args:
+        name: the sweep's name in the run store.
+        dataset: the dataset of every run.
+        seeds: one run per seed at each grid point.
+        fixed: settings shared by every run (``{"model": "deeplizard-cnn", "epochs": 2}``).
+        grid: setting -> list of values to try.
+        claim: what a tutorial reported (``text``; ``by``, ``metric``, ``epoch``, ``values``),
+            shown by ``bnlab reproduce``.
+        description: one line for listings.
+        source: where the config came from (a file path), for messages.
+        overrides: the values :meth:`override` fixed, kept so the store records what ran.
+
+    Example::
+
+        cfg = load_config("deeplizard")
+        cfg.size(), cfg.size_text(), cfg.grid_keys()
+        for run in cfg.iter_runs():
+            print(run.label, run.settings.bn)
+    """
+
     name: str
     dataset: str
     seeds: list[int]
@@ -80,9 +114,11 @@ class SweepConfig:
     overrides: dict = field(default_factory=dict)
 
     def grid_keys(self) -> list[str]:
+        """The gridded settings, in the config's order."""
         return list(self.grid)
 
     def to_dict(self) -> dict:
+        """The config as plain values (what the run store records; ``source`` left out)."""
         d = {"name": self.name, "dataset": self.dataset, "seeds": self.seeds, "fixed": self.fixed,
              "grid": self.grid, "claim": self.claim, "description": self.description}
         if self.overrides:
@@ -216,11 +252,50 @@ def _check_seeds(seeds, source: str) -> None:
 
 
 def run_id(settings: TrainSettings, threads: int | None = None) -> str:
-    """A run's id: :meth:`TrainSettings.identity`."""
+    """A run's id: :meth:`TrainSettings.identity`.
+
+    Args:
+        settings: the run's settings.
+        threads: the torch threads the run uses (part of the identity when given).
+
+    Returns:
+        16 hex digits; equal settings (but for ``data_dir``) and threads give the same id.
+
+    Example::
+
+        run_id(TrainSettings(dataset="digits", bn="after"), threads=2)
+    """
     return settings.identity(threads)
 
 
 def parse_config(d: dict, source: str = "config") -> SweepConfig:
+    """A checked :class:`SweepConfig` from a dict shaped like a sweep ``.toml`` (see the module
+    docstring).
+
+    Every value is checked now (see :meth:`SweepConfig.check`): the keys, ``name`` and ``dataset``
+    non-empty strings, ``seeds`` (default ``[0]``) non-negative distinct integers, ``[grid]``
+    values non-empty lists without duplicates, no setting both fixed and gridded, ``seed`` and
+    ``dataset`` only at the top level, each setting's type and bounds, every model and its BN
+    placements. Whether the networks fit the data is checked later, by :func:`run_sweep`.
+
+    Args:
+        d: the parsed config (``name``, ``dataset``, ``seeds``, ``fixed``, ``grid``, ``claim``,
+            ``description``).
+        source: where it came from (a file path), named in errors and kept as ``cfg.source``.
+
+    Returns:
+        The :class:`SweepConfig`.
+
+    Raises:
+        ConfigError: anything above, with ``source`` and the key or value at fault.
+
+    Example::
+
+        cfg = parse_config({"name": "bn-digits", "dataset": "digits", "seeds": [0, 1],
+                            "fixed": {"model": "keras-mlp", "epochs": 2},
+                            "grid": {"bn": ["none", "after"]}})
+        cfg.size()   # 4 runs
+    """
     unknown = set(d) - CONFIG_KEYS
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(CONFIG_KEYS))}")
@@ -252,7 +327,12 @@ RECIPES = Path(__file__).with_name("recipes")
 
 
 def recipe_names() -> list[str]:
-    """The sweep configs shipped with bnlab (``bnlab recipes list``)."""
+    """The sweep configs shipped with bnlab (``bnlab recipes list``), sorted.
+
+    Example::
+
+        recipe_names()   # ['cifar', 'deeplizard', 'ioffe', 'keras-mlp', 's4tf']
+    """
     return sorted(p.stem for p in RECIPES.glob("*.toml"))
 
 
@@ -266,12 +346,36 @@ def recipe_path(name: str) -> Path:
 
 
 def load_recipe(name: str) -> SweepConfig:
-    """The shipped sweep config ``name`` (e.g. ``deeplizard``)."""
+    """The shipped sweep config ``name`` (e.g. ``deeplizard``).
+
+    Args:
+        name: one of :func:`recipe_names`.
+
+    Returns:
+        The checked :class:`SweepConfig`.
+
+    Raises:
+        ConfigError: no recipe of that name (with a did-you-mean).
+
+    Example::
+
+        load_recipe("ioffe").claim["text"]
+    """
     return load_config(recipe_path(name))
 
 
 def load_config(path_or_recipe: str | Path) -> SweepConfig:
     """A sweep config from a ``.toml`` file, or a recipe's name (``"deeplizard"``).
+
+    Args:
+        path_or_recipe: a config file, or a name without ``/`` or ``.toml`` that is not an
+            existing file (then a recipe, see :func:`recipe_names`).
+
+    Returns:
+        The checked :class:`SweepConfig` (see :func:`parse_config` for what is checked).
+
+    Raises:
+        ConfigError: no such file or recipe, a file that is not TOML, or an invalid config.
 
     Example::
 
@@ -289,7 +393,22 @@ def load_config(path_or_recipe: str | Path) -> SweepConfig:
 
 def parse_sets(items) -> dict:
     """``["epochs=1", "lr=0.01", "bn=none"]`` (the CLI's ``--set``) as typed values: each value
-    is read as TOML (numbers, booleans, ``[lists]``, quoted strings), else taken as a string."""
+    is read as TOML (numbers, booleans, ``[lists]``, quoted strings), else taken as a string.
+
+    Args:
+        items: ``KEY=VALUE`` strings (``None``: none).
+
+    Returns:
+        ``{key: value}``, ready for :meth:`SweepConfig.override` (a later key wins).
+
+    Raises:
+        ConfigError: an item without ``=`` or without a key.
+
+    Example::
+
+        parse_sets(["epochs=1", "lr=0.01", "bn=none", "seeds=[0, 1]"])
+        # {'epochs': 1, 'lr': 0.01, 'bn': 'none', 'seeds': [0, 1]}
+    """
     out = {}
     for item in items or ():
         key, eq, value = item.partition("=")

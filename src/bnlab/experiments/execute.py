@@ -84,11 +84,36 @@ class StoreEpochs(Callback):
 
 def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
                 tensorboard: str | None = None, sweep: str = "", lease: float = DEFAULT_LEASE) -> dict:
-    """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env}``.
+    """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env, activations}``.
 
     With a store, ``status`` is ``skipped`` when the run is finished or running elsewhere, and
     ``lost`` when its lease expired while it ran and another process took it over (nothing more
     is written for it here). ``lease``: seconds the store waits for a heartbeat of a running run.
+
+    An error of the run itself (in :func:`bnlab.train.train`) does not raise here: its status is
+    ``failed`` and ``error`` holds the message (a :class:`BnlabError`) or the traceback. Anything
+    else propagates (an interruption, a store that cannot be opened, an unknown setting); a run
+    this call claimed is then put back in the store's queue.
+
+    Args:
+        run_id: the run's id (a key of the store's ``runs`` table when there is a store).
+        settings: the run's settings as a dict (:meth:`TrainSettings.to_dict`).
+        store_path: the run store to claim the run in and write it to; ``None``: write nothing.
+        threads: torch threads for this process (``None``: leave as is).
+        tensorboard: a folder for TensorBoard event files (``None``: none).
+        sweep: the sweep's name (names the TensorBoard folder).
+        lease: see above.
+
+    Returns:
+        ``status`` is ``done``, ``diverged``, ``failed``, ``skipped`` (only ``run_id`` and
+        ``status`` then) or ``lost``; ``epochs`` are the epoch records, ``summary`` and
+        ``activations`` the tracker's (empty without tracking), ``env`` where it ran.
+
+    Example::
+
+        run = load_config("deeplizard").override({"epochs": 1}).runs()[0]
+        out = execute_run(run.run_id, run.settings.to_dict())   # no store: everything returned
+        out["status"], out["epochs"][-1]["test_acc"]
     """
     from bnlab.experiments.store import RunStore
     from bnlab.train import TrainSettings
@@ -245,7 +270,12 @@ def run_local(tasks, store_path: str, workers: int, tensorboard: str | None, swe
 
 
 class WorkerDied(BnlabError):
-    """A worker process ended abruptly (killed, out of memory)."""
+    """A worker process ended abruptly (killed, out of memory).
+
+    Raised by :func:`run_sweep` with ``workers > 1`` after the other runs in flight are reported;
+    finished runs are kept in the store, so running the same sweep again resumes. Its exit code
+    in the CLI is 1, not 2: the command was right, the machine failed it.
+    """
 
     exit_code = 1
 

@@ -179,6 +179,25 @@ class RunStore:
     ``file:runs/bnlab.db?mode=ro``). ``create=False`` opens an existing store for reading: it
     also works on read-only media, where any write raises a :class:`ConfigError`. ``lease`` is
     how many seconds a running run may go without a heartbeat before it is taken to be dead.
+
+    It is a context manager (``with RunStore(...) as store:`` closes it).
+
+    Args:
+        path: the store file or ``file:`` URI (default ``runs/bnlab.db``).
+        create: create the file (and its folder) when missing, and migrate an older store;
+            ``False``: the store must exist.
+        lease: seconds without a heartbeat after which a running run counts as dead.
+
+    Raises:
+        ConfigError: the path is a directory, does not exist (``create=False``), cannot be
+            created or opened, or is not a bnlab store (any other file is left untouched); with
+            ``create=True`` also a store that is read-only or was written by a newer bnlab.
+
+    Example::
+
+        with RunStore("runs/bnlab.db", create=False) as store:
+            [s["name"] for s in store.sweeps()]
+            store.runs("deeplizard-bn")[0]["final"]["test_acc"]
     """
 
     def __init__(self, path: str | Path = DEFAULT_STORE, create: bool = True, lease: float = DEFAULT_LEASE):
@@ -325,6 +344,7 @@ class RunStore:
         return err
 
     def close(self) -> None:
+        """Close the connection (``with RunStore(...)`` does it on leaving the block)."""
         self.db.close()
 
     def __enter__(self):
@@ -400,6 +420,7 @@ class RunStore:
         return version
 
     def status(self, run_id: str) -> str | None:
+        """The run's status (``queued``, ``running``, ``done``, ``diverged``, ``failed``); None for an unknown id."""
         row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return row[0] if row else None
 
@@ -554,6 +575,8 @@ class RunStore:
     # ---------------------------------------------------------------- queries
 
     def sweeps(self) -> list[dict]:
+        """Every sweep, least recently run first: ``{"name", "updated" (unix time), "runs",
+        "finished" (done or diverged)}``."""
         rows = self.db.execute("SELECT s.name, s.updated, COUNT(r.run_id), "
                                "SUM(r.status IN ('done', 'diverged')) FROM sweeps s "
                                "LEFT JOIN sweep_runs sr ON sr.sweep = s.name LEFT JOIN runs r ON r.run_id = sr.run_id "
@@ -664,16 +687,21 @@ class RunStore:
         return out
 
     def epochs(self, run_id: str) -> list[dict]:
+        """The run's epoch records in order: ``{"epoch", "train_loss", ..., "seconds"}``."""
         rows = self.db.execute(f"SELECT epoch, {', '.join(METRICS)} FROM epochs WHERE run_id = ? ORDER BY epoch",
                                (run_id,)).fetchall()
         return [dict(zip(("epoch", *METRICS), r)) for r in rows]
 
     def activations(self, run_id: str) -> list[dict]:
+        """The run's activation records (``--track-activations``), as the tracker recorded them,
+        by step then layer."""
         rows = self.db.execute("SELECT step, layer, stats FROM activations WHERE run_id = ? ORDER BY step, layer",
                                (run_id,)).fetchall()
         return [{"step": s, "layer": layer, **json.loads(st)} for s, layer, st in rows]
 
     def find_run(self, prefix: str) -> str:
+        """The full id of the one run whose id starts with ``prefix``; a ConfigError when none or
+        several do."""
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ?", (prefix + "%",)).fetchall()
         if not rows:
             raise ConfigError(f"no run with id {prefix!r} in {self.target}: see the run_id column of 'bnlab results'")

@@ -18,7 +18,17 @@ EXECUTORS = ("local", "ray")
 @dataclass
 class SweepSummary:
     """What a sweep did (``finished``: the runs that ended in this call) and where its runs
-    stand in the store afterwards (``counts``: runs of this config per status)."""
+    stand in the store afterwards (``counts``: runs of this config per status).
+
+    What :func:`run_sweep` returns. ``total`` is the number of runs of the config, ``skipped``
+    how many were already finished when it started, ``seconds`` how long it took.
+
+    Example::
+
+        summary = run_sweep(cfg, "runs/bnlab.db")
+        if not summary.complete:
+            print(summary.unfinished("runs/bnlab.db"))
+    """
 
     name: str
     total: int
@@ -37,6 +47,7 @@ class SweepSummary:
 
     @property
     def failed(self) -> int:
+        """Runs of this config that failed."""
         return self.counts.get("failed", 0)
 
     @property
@@ -98,6 +109,38 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
     Ownership: a running run is rerun when its owner is gone or its heartbeat is older than
     ``lease`` seconds (see :mod:`bnlab.experiments.store`). The summary counts the runs left
     failed, queued (interrupted) or running in another process.
+
+    A run that fails is recorded as ``failed`` and the sweep goes on; it does not raise.
+
+    Args:
+        cfg: the sweep (:func:`load_config`, :func:`parse_config`).
+        store_path: the run store file (created if missing).
+        workers: runs at a time: ``local`` runs them in this process (1) or in as many spawned
+            processes; ``ray`` uses it as the CPU count of a new local Ray instance.
+        executor: ``local`` or ``ray``.
+        ray_address: the Ray cluster to connect to (``None``: start a local one).
+        tensorboard: a folder for TensorBoard event files, under ``<folder>/<sweep>/<run id>``.
+        overrides: settings applied to every run after the grid (e.g. ``{"data_dir": ...}``).
+        threads: torch threads per run (see above).
+        max_runs: the largest grid accepted.
+        lease: see above, in seconds.
+        log: called with each progress line (default ``print``).
+
+    Returns:
+        A :class:`SweepSummary`.
+
+    Raises:
+        ConfigError: an invalid argument, config value or run, a network that does not fit its
+            data, a grid larger than ``max_runs``, an unusable store, or a missing optional
+            package (tensorboard, ray).
+        DataNotFoundError: a run's dataset cannot be found.
+        WorkerDied: a worker process was killed; run the same sweep again to resume.
+
+    Example::
+
+        cfg = load_config("deeplizard").override({"epochs": 1, "train_limit": 10000})
+        summary = run_sweep(cfg, "runs/bnlab.db", workers=2)
+        results("runs/bnlab.db", cfg.name, by="bn")
     """
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads}")

@@ -49,7 +49,39 @@ def _layer_shape(model: nn.Module, bn: nn.Module, input_shape) -> tuple:
 
 
 def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = None, stats_limit: int = 10000) -> dict:
-    """Check every BN layer of ``model`` (a trained network) on ``train`` (and ``test``) data."""
+    """Check every BN layer of ``model`` (a trained network) on ``train`` (and ``test``) data.
+
+    Per BN layer: running statistics against the population statistics of the first
+    ``stats_limit`` training examples (mean off by more than 0.25 population std, variance off by
+    more than 2x, over the channels whose input is not constant), statistics never updated,
+    ``track_running_stats=False``, unusual momentum or eps, and (with ``batch_size``) too few
+    values per channel in a training batch. With ``test``: eval-mode accuracy against the
+    accuracy when BN uses each batch's statistics, flagged when more than 2 points lower.
+
+    Args:
+        model: the trained network; its weights and running statistics are not changed.
+        train: the training :class:`bnlab.data.Dataset`, standardized as in training.
+        test: held-out data for the accuracy comparison (``None``: skipped).
+        batch_size: the training batch size, to check the values per channel (``None``: skipped).
+        stats_limit: how many training examples the population statistics use.
+
+    Returns:
+        ``{"layers", "bn_layers", "problems"}`` and, with ``test``, ``"eval_acc"``,
+        ``"batch_stats_acc"`` and ``"network_findings"``; each of ``layers`` has ``layer``,
+        ``type``, ``channels``, ``momentum``, ``eps``, ``findings`` (sentences), ``status``
+        (``ok``/``warn``) and, where measured, ``mean_error_max``, ``mean_error_avg`` (in
+        population std), ``var_ratio_worst``, ``dead_channels`` and ``values_per_channel``.
+        ``problems`` counts the layers with a warning plus the network findings.
+        :func:`format_diagnosis` prints it.
+
+    Example::
+
+        ck = bnlab.train.load_checkpoint("model.pt")
+        train = bnlab.data.load(ck.settings["dataset"], "train", standardize=ck.standardizer)
+        test = bnlab.data.load(ck.settings["dataset"], "test", standardize=ck.standardizer)
+        rep = diagnose(ck.model, train, test, batch_size=ck.settings["batch_size"])
+        rep["problems"]
+    """
     names = {m: n for n, m in model.named_modules()}
     bns = [m for m in model.modules() if is_batchnorm(m)]
     data = train.subset(min(len(train), stats_limit))
@@ -115,12 +147,46 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
 
 
 def fix(model: nn.Module, train, stats_limit: int | None = None) -> nn.Module:
-    """Recalibrate every BN layer on training data (precise BN); returns the same model."""
+    """Recalibrate every BN layer on training data (precise BN); returns the same model.
+
+    Each BN layer's running mean and variance become the exact statistics of its input over
+    the training examples (see :func:`bnlab.nn.recalibrate_batchnorm`); weights are unchanged.
+
+    Args:
+        model: the network, changed in place.
+        train: the training :class:`bnlab.data.Dataset`, standardized as in training.
+        stats_limit: use only the first this many examples (``None``: all).
+
+    Returns:
+        ``model``.
+
+    Example::
+
+        fix(net, train, stats_limit=10000)
+        diagnose(net, train, test)["problems"]   # the running statistics now fit the data
+    """
     data = train if stats_limit is None else train.subset(min(len(train), stats_limit))
     return recalibrate_batchnorm(model, data.batches(500))
 
 
 def format_diagnosis(rep: dict) -> str:
+    """A :func:`diagnose` report as text, as ``bnlab doctor`` prints it.
+
+    One line per BN layer (``OK`` or ``WARN``, name, type, momentum, eps and how far its running
+    statistics are from the data), its findings indented below, then the eval-mode vs
+    batch-statistics test accuracy when the report has them, and a last line with the number of
+    problems (or ``all BN layers look healthy``).
+
+    Args:
+        rep: the dict :func:`diagnose` returns.
+
+    Returns:
+        The lines as one string; ``"no batch-norm layers: nothing to check"`` for a network without BN.
+
+    Example::
+
+        print(format_diagnosis(diagnose(net, train, test, batch_size=64)))
+    """
     if rep["bn_layers"] == 0:
         return "no batch-norm layers: nothing to check"
     lines = []

@@ -23,7 +23,25 @@ __all__ = ["build", "build_python", "resolve_spec", "is_reference", "ZOO", "get_
 
 def resolve_spec(name_or_spec) -> dict:
     """A validated spec from a zoo name, a ``.toml`` path, a Python reference
-    (``file.py:factory``, ``package.module:factory``: see :mod:`bnlab.models.factory`) or a spec dict."""
+    (``file.py:factory``, ``package.module:factory``: see :mod:`bnlab.models.factory`) or a spec dict.
+
+    Args:
+        name_or_spec: a zoo name, a spec ``.toml`` path (or any existing file), a Python
+            reference, or a spec dict (validated; a dict with a ``python`` key is copied as it is).
+
+    Returns:
+        A new spec dict: a layer spec with its defaults filled in (:func:`validate_spec`), or a
+        Python spec (``{"name", "python", ...}``; for a file, its absolute path and SHA-256).
+
+    Raises:
+        ConfigError: an unknown zoo name, a missing or invalid spec file, an invalid spec dict,
+            or a reference to a ``.py`` file that does not exist.
+
+    Example::
+
+        resolve_spec("deeplizard-cnn")["layers"][0]   # {'type': 'conv', 'out': 6, 'kernel': 5}
+        resolve_spec("my_nets.py:small_cnn")          # {'name': ..., 'python': {'file': ..., 'sha256': ...}}
+    """
     if isinstance(name_or_spec, dict):
         return dict(name_or_spec) if is_python_spec(name_or_spec) else validate_spec(name_or_spec)
     text = str(name_or_spec)
@@ -50,8 +68,21 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
             last), or ``tutorial`` (the zoo entry's own placement).
         norm: ``batch``, ``renorm`` or ``ghost`` (virtual batches of ``virtual_batch_size``).
         bn_impl: ``bnlab`` or ``torch`` layers.
+        activation: replaces the spec's activation everywhere (a name in :data:`ACTIVATIONS`);
+            ``None`` keeps it. Passed on to a Python factory that takes it.
+        dropout: replaces the probability of every dropout layer; ``None`` keeps the spec's.
+        virtual_batch_size: examples per virtual batch of ``norm="ghost"``.
         seed: initialize the weights from ``torch.manual_seed(seed)``, exactly as ``bnlab train
             --seed`` does (``None``: from torch's current random state).
+
+    Returns:
+        The network: an ``nn.Sequential`` (training mode) for a layer spec, the factory's module
+        for a Python one.
+
+    Raises:
+        ConfigError: an unknown name, placement, norm, implementation or activation; a spec
+            without a tutorial placement asked for ``bn="tutorial"``; a network that does not fit
+            ``input_shape`` or does not end in ``num_classes`` logits; a Python factory that fails.
 
     Example::
 
@@ -70,7 +101,32 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
 
 def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: str, bn_impl: str, **options) -> nn.Module:
     """A Python spec's network (:func:`bnlab.models.factory.call_factory`), with its BN layers
-    made ``bn_impl``'s. A factory that takes no ``norm`` argument only builds ``norm=batch``."""
+    made ``bn_impl``'s. A factory that takes no ``norm`` argument only builds ``norm=batch``.
+
+    :func:`build` calls this for Python specs; call it yourself only with a spec from
+    :func:`resolve_spec`. With ``bn="none"`` and a factory that takes no ``bn`` argument, the
+    network's BN layers are replaced by identities and a ``UserWarning`` says how many.
+
+    Args:
+        spec: a Python spec (``{"name", "python": ...}``), e.g. from :func:`resolve_spec`.
+        input_shape, num_classes, bn, norm, bn_impl: as for :func:`build`.
+        **options: ``activation``, ``dropout``, ``virtual_batch_size``: passed to a factory
+            that names them (or takes ``**kwargs``); ``None`` values are left out.
+
+    Returns:
+        The factory's network, checked to give ``num_classes`` logits for ``input_shape``.
+
+    Raises:
+        ConfigError: an unknown ``bn``; ``norm`` other than ``batch`` or ``bn`` ``before``/``after``
+            for a factory without that argument; a factory that is missing, changed, fails or
+            returns the wrong thing.
+
+    Example::
+
+        spec = resolve_spec("resnet20")
+        net = build_python(spec, input_shape=(3, 32, 32), num_classes=10, bn="tutorial", norm="batch",
+                           bn_impl="torch")
+    """
     import warnings
 
     from bnlab.nn import convert, is_batchnorm
@@ -82,10 +138,10 @@ def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: st
         raise ConfigError(f"model {spec['name']!r}: norm={norm} needs a factory that takes a 'norm' argument; "
                           "this one does not")
     as_written = None
-    if bn == "none" and not takes(fn, "bn"):
-        as_written = sum(map(is_batchnorm, call_factory(spec, input_shape=input_shape, num_classes=num_classes,
-                                                        bn="tutorial", **options).modules())) \
-            if torch.get_default_device().type != "meta" else None
+    if bn == "none" and not takes(fn, "bn") and torch.get_default_device().type != "meta":
+        with torch.random.fork_rng(devices=[]):  # counting must not use up the seeded random draws
+            as_written = sum(map(is_batchnorm, call_factory(spec, input_shape=input_shape, num_classes=num_classes,
+                                                            bn="tutorial", **options).modules()))
     model = call_factory(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm, bn_impl=bn_impl,
                          **options)
     if as_written:

@@ -41,7 +41,19 @@ _IDENT = re.compile(r"^[A-Za-z_][\w]*$")
 
 
 def is_reference(text) -> bool:
-    """True for ``file.py:factory`` and ``package.module:factory``."""
+    """True for ``file.py:factory`` and ``package.module:factory``.
+
+    Only the form is checked (one colon, a Python identifier after it): nothing is imported and
+    the file need not exist.
+
+    Args:
+        text: a ``--model`` value; anything but a string gives False.
+
+    Example::
+
+        is_reference("nets/small.py:make"), is_reference("torchvision.models:resnet18")   # True, True
+        is_reference("deeplizard-cnn"), is_reference("spec.toml")                         # False, False
+    """
     if not isinstance(text, str) or text.count(":") != 1:
         return False
     where, name = text.split(":")

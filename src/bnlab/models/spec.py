@@ -58,7 +58,27 @@ def _where(spec: dict, i: int | None = None) -> str:
 
 
 def validate_spec(spec: dict) -> dict:
-    """Check a spec's structure; returns a deep copy with defaults filled in."""
+    """Check a layer spec's structure; returns a deep copy with defaults filled in.
+
+    Checks the top-level keys, the activation, and each layer's type, keys, ``out`` (a positive
+    integer or ``"classes"``), conv ``kernel``, dropout ``p``, pool ``kind`` and activation ``fn``, and
+    that the last layer is ``dense``. Sizes that depend on the input (does a conv fit?) and the
+    ``tutorial_bn`` layers are checked when the network is built.
+
+    Args:
+        spec: a dict as in the module docstring.
+
+    Returns:
+        A deep copy with ``name`` (default ``"custom"``) and ``activation`` (default ``"relu"``) set.
+
+    Raises:
+        ConfigError: the first problem found, naming the spec and the layer (counted from 1).
+
+    Example::
+
+        spec = validate_spec({"layers": [{"type": "flatten"}, {"type": "dense", "out": "classes"}]})
+        spec["name"], spec["activation"]   # ('custom', 'relu')
+    """
     if not isinstance(spec, dict):
         raise ConfigError(f"a network spec must be a table/dict, got {type(spec).__name__}")
     spec = copy.deepcopy(spec)
@@ -100,7 +120,31 @@ def validate_spec(spec: dict) -> dict:
 
 
 def load_spec(path: str | Path) -> dict:
-    """A spec from a TOML file (top-level keys as in a Python spec, ``[[layers]]`` tables)."""
+    """A spec from a TOML file (top-level keys as in a Python spec, ``[[layers]]`` tables).
+
+    Args:
+        path: the ``.toml`` file; its stem is the spec's ``name`` unless the file sets one.
+
+    Returns:
+        The validated spec (see :func:`validate_spec`).
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not TOML, or the spec is invalid.
+
+    Example::
+
+        # tiny.toml:
+        #   activation = "tanh"
+        #   [[layers]]
+        #   type = "flatten"
+        #   [[layers]]
+        #   type = "dense"
+        #   out = 64
+        #   [[layers]]
+        #   type = "dense"
+        #   out = "classes"
+        net = build(load_spec("tiny.toml"), bn="after", input_shape=(1, 28, 28), num_classes=10)
+    """
     path = Path(path)
     spec = read_toml(path, "spec file", "use a zoo name (bnlab models list) or a spec .toml")
     spec.setdefault("name", path.stem)
@@ -139,7 +183,10 @@ def _init_weights(module: nn.Module, init: dict | None, generator=None) -> None:
 def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
                     bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
                     virtual_batch_size: int = 32) -> nn.Sequential:
-    """Build the ``nn.Sequential`` a spec describes for inputs of ``input_shape`` (without batch)."""
+    """Build the ``nn.Sequential`` a spec describes for inputs of ``input_shape`` (without batch).
+
+    The arguments are those of :func:`bnlab.models.build`, which is the entry point to use.
+    """
     spec = validate_spec(spec)
     if bn not in BN_PLACEMENTS:
         raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
@@ -228,8 +275,22 @@ def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "non
 
 def output_shapes(model: nn.Module, input_shape) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """``(name, layer, output shape without batch)`` of every layer in the order they run, found by
-    running two zero inputs in eval mode: a Sequential's children, or any network's leaf modules
-    (each call of a layer used twice appears twice)."""
+    running a batch of two zero inputs in eval mode: a Sequential's children, or any network's
+    leaf modules (each call of a layer used twice appears twice).
+
+    Args:
+        model: any network; its mode is restored afterwards.
+        input_shape: one example's shape without the batch, e.g. ``(1, 28, 28)``.
+
+    Returns:
+        A list of ``(name, module, shape)`` tuples; ``shape`` is ``()`` for a layer whose output
+        is not a tensor.
+
+    Example::
+
+        for name, layer, shape in output_shapes(net, (1, 28, 28)):
+            print(name, type(layer).__name__, shape)
+    """
     layers = dict(model.named_children()) if isinstance(model, nn.Sequential) else \
         {n: m for n, m in model.named_modules() if n and not any(True for _ in m.children())}
     seen: list = []
@@ -266,6 +327,16 @@ def summary(model: nn.Module, input_shape) -> dict:
     """Keras-style summary: one row per layer as it runs (name, type, output shape, parameters)
     and totals. Works on any network (its leaf modules), a Sequential by its children.
 
+    Args:
+        model: any network (run once on zeros, see :func:`output_shapes`).
+        input_shape: one example's shape without the batch.
+
+    Returns:
+        ``{"input_shape", "layers", "total_params", "trainable_params", "non_trainable_params",
+        "buffers"}``; each of ``layers`` is ``{"name", "layer", "output_shape", "params",
+        "detail"}``; ``buffers`` counts the values of every buffer (BN running statistics).
+        :func:`format_summary` prints it.
+
     Example::
 
         print(format_summary(summary(build("resnet20", bn="tutorial", input_shape=(3, 32, 32), num_classes=10),
@@ -284,6 +355,23 @@ def summary(model: nn.Module, input_shape) -> dict:
 
 
 def format_summary(s: dict, title: str = "") -> str:
+    """A :func:`summary` as a Keras-style text table, one line per layer, totals at the bottom.
+
+    Args:
+        s: the dict :func:`summary` returns.
+        title: a first line, e.g. the model's name (none when empty).
+
+    Returns:
+        The table as one string (no trailing newline): layer name, type with its size (e.g.
+        ``Linear(64->256)``), output shape without the batch, parameter count; then total,
+        trainable and non-trainable parameters and the number of buffer values (BN running
+        statistics and their batch counters).
+
+    Example::
+
+        net = build("keras-mlp", bn="after", input_shape=(1, 8, 8), num_classes=10)
+        print(format_summary(summary(net, (1, 8, 8)), title="keras-mlp"))
+    """
     lines = [title] if title else []
     width = max([3] + [len(r["name"]) for r in s["layers"]])
     head = f"{'#':>{width}}  {'layer':<34} {'output shape':<16} {'params':>10}"

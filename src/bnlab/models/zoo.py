@@ -115,6 +115,23 @@ ZOO: dict[str, dict] = {
 
 
 def get_spec(name: str) -> dict:
+    """The zoo entry ``name``, as it is stored (not validated; see :func:`bnlab.models.resolve_spec`).
+
+    Args:
+        name: a key of :data:`ZOO`, e.g. ``"deeplizard-cnn"`` (``bnlab models list``).
+
+    Returns:
+        The zoo's own spec dict, not a copy: copy it before changing it. A Python network's
+        entry (``resnet20``) has a ``python`` key (``"module:factory"``) instead of ``layers``.
+
+    Raises:
+        ConfigError: ``name`` is not in the zoo; the message lists the zoo and suggests a near miss.
+
+    Example::
+
+        spec = get_spec("keras-mlp")
+        spec["description"], [layer["type"] for layer in spec["layers"]]   # flatten, dense x 3
+    """
     if name not in ZOO:
         raise ConfigError(f"unknown model {name!r}{suggest(name, ZOO)} (the zoo: {', '.join(ZOO)}; or a spec .toml "
                           "file, or your own network as path/to/file.py:factory or package.module:factory)")

@@ -29,7 +29,20 @@ MAX_EXACT = 1 << 24  # torch.quantile's input limit
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The nonlinearities of a model, by name (their inputs are what Fig. 1 tracks)."""
+    """The nonlinearities of a model, by name (their inputs are what Fig. 1 tracks).
+
+    Args:
+        model: any network; its ReLU, Sigmoid, Tanh, LeakyReLU, ELU and GELU modules are found
+            (functional activations such as ``F.relu`` are not modules and are not found).
+
+    Returns:
+        ``{"<module name>:<class name>": module}`` in the order of ``model.named_modules()``.
+
+    Example::
+
+        list(default_layers(bnlab.models.build("keras-mlp", input_shape=(1, 8, 8), num_classes=10)))
+        # ['2:ReLU', '4:ReLU']
+    """
     return {f"{name}:{type(m).__name__}": m for name, m in model.named_modules() if isinstance(m, NONLINEARITIES)}
 
 
@@ -43,7 +56,21 @@ def _quantiles(sorted_: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 def snapshot(x: torch.Tensor, percentiles=(15, 50, 85)) -> dict:
     """Percentiles (linear interpolation, as ``torch.quantile``), mean, std and 99 quantiles of
-    ``x``, all from one sort."""
+    ``x``, all from one sort.
+
+    Args:
+        x: any tensor; all its values count as one distribution (in float64). Above 2**24
+            values an evenly strided sample is used.
+        percentiles: which percentiles to report, in 0..100.
+
+    Returns:
+        ``{"p15": ..., "p50": ..., "p85": ..., "mean", "std", "q"}`` (one ``p<n>`` key per
+        percentile; ``std`` is the population std; ``q`` the 1%, 2%, ..., 99% quantiles), all floats.
+
+    Example::
+
+        snapshot(torch.randn(10_000))["p50"]   # about 0.0
+    """
     flat = x.detach().reshape(-1).to(torch.float64)
     if flat.numel() > MAX_EXACT:  # very large inputs: an evenly strided sample
         flat = flat[:: -(-flat.numel() // MAX_EXACT)]
@@ -65,6 +92,23 @@ class ActivationTracker(Callback):
     with ``eval_data`` also ``{"step", "layer": "test", "test_acc"}`` on up to ``eval_size``
     held-out examples at each snapshot. A :class:`bnlab.train.tensorboard.TensorBoardLogger`
     given this tracker draws each snapshot as a histogram.
+
+    Snapshots are taken at step 1 and every ``every`` steps, in training mode only (evaluation
+    passes are not recorded). The hooks are added when training begins and removed when it ends.
+
+    Args:
+        model: the network to watch; ``None``: the one :func:`~bnlab.train.fit` trains.
+        layers: layer names to watch (see above); ``None``: every nonlinearity.
+        every: steps between snapshots, at least 1.
+        percentiles: the percentiles each snapshot reports (``p15``, ...).
+        max_examples: examples of the batch each snapshot uses (``None``: all).
+        eval_data: a :class:`bnlab.data.Dataset` to measure test accuracy on at each snapshot.
+        eval_size: at most this many of ``eval_data``'s examples (the first ones).
+
+    Raises:
+        ValueError: ``every`` below 1.
+        ConfigError: a name in ``layers`` that ``model`` does not have (when the model is known:
+            at construction, or when training begins).
 
     Example::
 
@@ -135,6 +179,7 @@ class ActivationTracker(Callback):
         self._handles = []
 
     def summary(self) -> dict:
+        """The run's internal covariate shift so far: :func:`shift_summary` of :attr:`records`."""
         return shift_summary(self.records)
 
     @classmethod
@@ -146,7 +191,21 @@ class ActivationTracker(Callback):
 
 
 def shift_summary(records: list[dict]) -> dict:
-    """Mean Wasserstein-1 shift between successive snapshots, per layer and overall."""
+    """Mean Wasserstein-1 shift between successive snapshots, per layer and overall.
+
+    Args:
+        records: snapshot records as :attr:`ActivationTracker.records` holds them (records
+            without quantiles, such as test accuracy, are skipped; order does not matter).
+
+    Returns:
+        ``{"ics_w1": float or None, "ics_w1_per_layer": {layer: float}}``, in the units of each
+        layer's input; a layer needs two snapshots to have a value, and ``ics_w1`` (the mean
+        over layers) is None when none has.
+
+    Example::
+
+        shift_summary(tracker.records)["ics_w1_per_layer"]
+    """
     by_layer: dict[str, list[dict]] = {}
     for r in records:
         if "q" in r:

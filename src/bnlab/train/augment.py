@@ -13,7 +13,20 @@ class Augment:
     """Random horizontal flips (probability ``flip``) and shifts of up to ``shift`` pixels.
 
     Shifts pad with the batch's minimum (the standardized background) and crop back, so the
-    image size never changes. Applied to standardized float batches ``(N, C, H, W)``.
+    image size never changes. Applied to standardized float batches ``(N, C, H, W)``; other
+    batches (feature tables) pass through unchanged. Called as ``augment(x, generator)`` it
+    returns the augmented batch (``x`` itself is not changed); the same generator state gives the
+    same flips and shifts.
+
+    Args:
+        flip: the probability of flipping each image left-right (0: never).
+        shift: the largest shift in pixels, drawn per image and axis from ``-shift..shift``
+            (0: none).
+
+    Example::
+
+        fit(net, train, test, augment=Augment(flip=0.0, shift=2))   # no flips for digits
+        x_aug = Augment()(x, torch.Generator().manual_seed(0))
     """
 
     flip: float = 0.5

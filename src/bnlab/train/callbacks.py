@@ -14,16 +14,32 @@ class Callback:
     """Override any of these; ``state`` is the loop's :class:`TrainState`.
 
     Set ``state.stop = True`` (with ``state.stop_reason``) to end training after this epoch.
+    Callbacks run in the order they were passed to :func:`~bnlab.train.fit`.
+
+    Example::
+
+        class StopAt(Callback):
+            def __init__(self, acc):
+                self.acc = acc
+
+            def on_epoch_end(self, state):
+                if state.history[-1].get("test_acc", 0) >= self.acc:
+                    state.stop, state.stop_reason = True, f"test_acc reached {self.acc}"
+
+        fit(net, train, test, epochs=20, callbacks=[StopAt(0.95), EpochPrinter()])
     """
 
-    def on_train_begin(self, state) -> None: ...
+    def on_train_begin(self, state) -> None:
+        """Before the first epoch (``state.epoch`` and ``state.step`` are 0)."""
 
     def on_batch_begin(self, state) -> None:
         """Before the forward pass of step ``state.step + 1``."""
 
-    def on_batch_end(self, state) -> None: ...
+    def on_batch_end(self, state) -> None:
+        """After the optimizer step (``state.step`` counts it, ``state.batch_loss`` is its loss)."""
 
-    def on_epoch_end(self, state) -> None: ...
+    def on_epoch_end(self, state) -> None:
+        """After the epoch's record (train and test metrics) is in ``state.history``."""
 
     def on_train_end(self, state) -> None:
         """After the last epoch, and also when training raised (``state.history.status`` is then
@@ -31,7 +47,19 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when the test loss has not improved by ``min_delta`` for ``patience`` epochs."""
+    """Stop when the test loss has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Args:
+        patience: epochs in a row without improvement before training stops.
+        min_delta: how much lower than the best value so far a value must be to count as an
+            improvement.
+        metric: the epoch record's key to watch; lower must be better (a loss). Epochs without
+            it (no test data) are ignored.
+
+    Example::
+
+        fit(net, train, test, epochs=50, callbacks=[EarlyStopping(patience=3)])
+    """
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, metric: str = "test_loss"):
         self.patience, self.min_delta, self.metric = patience, min_delta, metric
@@ -57,7 +85,17 @@ def epoch_line(r: dict) -> str:
 
 
 class EpochPrinter(Callback):
-    """Print each epoch's metrics as it ends (``print_fn`` defaults to ``print``, flushed)."""
+    """Print each epoch's metrics as it ends (``print_fn`` defaults to ``print``, flushed).
+
+    Args:
+        print_fn: called with one line per epoch, e.g.
+            ``epoch   1  train loss 0.5123 acc 0.8123  test loss 0.4012 acc 0.8561  3.2s``.
+
+    Example::
+
+        lines = []
+        fit(net, train, test, epochs=2, callbacks=[EpochPrinter(lines.append)])
+    """
 
     def __init__(self, print_fn=None):
         self.print_fn = print_fn or (lambda line: print(line, flush=True))

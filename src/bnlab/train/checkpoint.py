@@ -25,6 +25,23 @@ VERSION = 1
 
 @dataclass(repr=False)
 class Checkpoint:
+    """A loaded checkpoint: what :func:`load_checkpoint` returns.
+
+    ``model`` is the rebuilt network in eval mode (folded if the file holds a folded one);
+    ``spec`` and ``build`` describe it (the arguments of :func:`bnlab.models.build`; ``build``
+    also says whether it is ``folded``); ``standardizer`` maps raw inputs to what the network was
+    trained on; ``classes`` are the class names by output index; ``settings`` and ``history`` are
+    the run's :class:`~bnlab.train.TrainSettings` and :class:`~bnlab.train.History` as plain
+    dicts (empty when not saved); ``path`` is the file it came from; ``extra`` holds what else
+    was saved (``activations`` records, the ``fold`` report).
+
+    Example::
+
+        ck = load_checkpoint("model.pt")
+        ck.input_shape, ck.classes[:3], ck.history["epochs"][-1]["test_acc"]
+        logits = ck.model(ck.standardizer(raw_batch))   # raw_batch: (N, *ck.input_shape), raw units
+    """
+
     model: nn.Module
     spec: dict
     build: dict
@@ -37,6 +54,7 @@ class Checkpoint:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """One example's shape without the batch, e.g. ``(1, 28, 28)``."""
         return tuple(self.build["input_shape"])
 
     def __repr__(self) -> str:
@@ -57,6 +75,30 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
     ``model`` is the network ``spec``/``build`` describe, or its folded copy from
     :func:`bnlab.nn.fold_batchnorm` (recognized by its weights and recorded as ``folded``, so
     :func:`load_checkpoint` rebuilds the folded network).
+
+    Args:
+        path: the file to write (missing folders are created).
+        model: the trained network; its weights are saved on the CPU.
+        spec, build: the network's spec and the keyword arguments of
+            :func:`bnlab.models.build` it was built with (see :func:`bnlab.train.build_model`).
+        standardizer: the training data's :class:`~bnlab.data.Standardizer`.
+        classes: class names by output index.
+        settings, history, extra: plain dicts kept as they are (``settings.to_dict()``,
+            ``history.to_dict()``); ``None`` saves ``{}``.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        CheckpointError: ``model`` is neither the network ``spec``/``build`` describe nor its folded copy.
+        OSError: the file could not be written (nothing is left half-written).
+
+    Example::
+
+        res = train(TrainSettings(dataset="digits", model="keras-mlp", bn="after"))
+        save_checkpoint("model.pt", res.model, spec=res.spec, build=res.build,
+                        standardizer=res.train.standardizer, classes=res.train.classes,
+                        settings=res.settings.to_dict(), history=res.history.to_dict())
     """
     path = Path(path)
     build = dict(build, folded=_is_folded(model, spec, build))
@@ -75,7 +117,25 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, spec: dict, build: di
 def fold_checkpoint(ck: Checkpoint, output: str | Path):
     """Fold the BN layers of a loaded checkpoint into their neighbours and save the result (with
     the same standardization, classes, settings and history) to ``output``; returns the
-    :class:`bnlab.nn.FoldReport`. ``load_checkpoint(output)`` gives the folded network."""
+    :class:`bnlab.nn.FoldReport`. ``load_checkpoint(output)`` gives the folded network.
+
+    Args:
+        ck: a :class:`Checkpoint` from :func:`load_checkpoint` (not changed).
+        output: the checkpoint file to write; the fold report is kept in its ``extra["fold"]``.
+
+    Returns:
+        The :class:`bnlab.nn.FoldReport`: which BN layers were folded into which layer, and which
+        were left and why.
+
+    Raises:
+        ConfigError: the network cannot be traced for folding (see :func:`bnlab.nn.fold_batchnorm`).
+        OSError: ``output`` could not be written.
+
+    Example::
+
+        report = fold_checkpoint(load_checkpoint("model.pt"), "model-folded.pt")
+        load_checkpoint("model-folded.pt")   # Checkpoint('model-folded.pt': ... BN folded, ...)
+    """
     from bnlab.nn import fold_batchnorm
 
     folded, report = fold_batchnorm(ck.model)
@@ -85,7 +145,29 @@ def fold_checkpoint(ck: Checkpoint, output: str | Path):
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild the network of a checkpoint in eval mode."""
+    """Rebuild the network of a checkpoint in eval mode.
+
+    The file is read with ``torch.load(weights_only=True)`` (no pickled code runs), and the
+    network's shapes are checked against the stored weights before anything real is allocated.
+    A network from your own Python file is rebuilt by calling its factory again: the file must
+    still be where it was, unchanged (same SHA-256).
+
+    Args:
+        path: a file written by :func:`save_checkpoint` (``bnlab train --checkpoint``).
+
+    Returns:
+        A :class:`Checkpoint`.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a bnlab checkpoint, written by a
+            newer bnlab, incomplete or damaged, or its network can no longer be built.
+
+    Example::
+
+        ck = load_checkpoint("model.pt")
+        test = bnlab.data.load(ck.settings["dataset"], "test", standardize=ck.standardizer)
+        evaluate(ck.model, test)["accuracy"]
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: write one with 'bnlab train --checkpoint PATH'")

@@ -14,7 +14,24 @@ from bnlab.train.loop import predict_logits
 
 def evaluate(model, data, batch_size: int = 1000) -> dict:
     """Accuracy, mean loss, per-class precision/recall/F1/support and the confusion matrix
-    (rows: true class, columns: predicted), computed with ``sklearn.metrics``."""
+    (rows: true class, columns: predicted), computed with ``sklearn.metrics``.
+
+    Args:
+        model: the network (evaluated in eval mode; its mode is restored).
+        data: a :class:`bnlab.data.Dataset`, standardized as the training data was.
+        batch_size: examples per forward pass.
+
+    Returns:
+        ``{"dataset", "split", "examples", "accuracy", "loss", "per_class", "macro_f1",
+        "confusion"}``: accuracy in 0..1, mean cross-entropy, one ``{"class", "precision",
+        "recall", "f1", "support"}`` row per class, and the confusion matrix as a list of rows.
+        :func:`format_evaluation` prints it.
+
+    Example::
+
+        rep = evaluate(net, test)
+        rep["accuracy"], rep["confusion"][0]   # row 0: how examples of class 0 were classified
+    """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     logits, y = predict_logits(model, data, batch_size)
@@ -34,6 +51,21 @@ def evaluate(model, data, batch_size: int = 1000) -> dict:
 
 
 def format_evaluation(rep: dict) -> str:
+    """An :func:`evaluate` report as text: a headline (dataset, split, examples, accuracy, loss,
+    macro F1) and one line of precision, recall, F1 and support per class.
+
+    Args:
+        rep: the dict :func:`evaluate` returns.
+
+    Returns:
+        The lines as one string (the confusion matrix is not included).
+
+    Example::
+
+        ck = load_checkpoint("model.pt")
+        test = bnlab.data.load(ck.settings["dataset"], "test", standardize=ck.standardizer)
+        print(format_evaluation(evaluate(ck.model, test)))
+    """
     lines = [f"{rep['dataset']} {rep['split']}: {rep['examples']} examples, accuracy {rep['accuracy']:.4f}, "
              f"loss {rep['loss']:.4f}, macro F1 {rep['macro_f1']:.4f}",
              f"{'class':<16} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
@@ -138,6 +170,28 @@ def predict_images(ckpt, paths, top_k: int = 3, invert: str | bool = "auto", err
     "warnings": [...]}``; ``invert``: see :func:`prepare_image`. ``errors="raise"`` stops at the
     first unreadable file or empty pattern with its :class:`BnlabError`; ``errors="report"``
     records it as ``{"image", "error"}`` in its place and goes on with the others.
+
+    Args:
+        ckpt: a :class:`~bnlab.train.Checkpoint` of an image model (its model, standardizer,
+            input shape and class names are used).
+        paths: image files, directories or glob patterns.
+        top_k: how many classes per image (at most the number of classes).
+        invert: ``"auto"``, ``"yes"``/``True`` or ``"no"``/``False``.
+        errors: ``"raise"`` or ``"report"``.
+
+    Returns:
+        One result dict per image, in the order of ``paths``.
+
+    Raises:
+        ConfigError: ``top_k`` below 1, an unknown ``invert`` or ``errors``, or a checkpoint whose
+            network takes feature vectors, not images.
+        DataFormatError: with ``errors="raise"``, a missing or unreadable image file.
+        DataNotFoundError: with ``errors="raise"``, a directory or pattern without images.
+
+    Example::
+
+        for r in predict_images(load_checkpoint("model.pt"), ["photos/*.png"], top_k=1):
+            print(r["image"], r["top"][0]["class"], f"{r['top'][0]['probability']:.2f}", *r["warnings"])
     """
     from bnlab.data.imagefolder import image_paths
 

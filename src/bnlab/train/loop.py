@@ -24,7 +24,10 @@ class History:
     as the deeplizard run manager counts them).
 
     Records are indexable (``h[-1]`` is the last epoch's dict) and each metric reads as a column
-    (``h.test_acc`` is a list over epochs); ``h.to_frame()`` gives a pandas DataFrame::
+    (``h.test_acc`` is a list over epochs); ``h.to_frame()`` gives a pandas DataFrame. When
+    training raises, ``status`` is ``failed`` (what ``on_train_end`` callbacks then see).
+
+    Example::
 
         h = fit(net, train, test, epochs=3)
         h[-1]["test_acc"], max(h.test_acc), h.to_frame().plot(y=["train_acc", "test_acc"])
@@ -58,6 +61,7 @@ class History:
     seconds = property(lambda self: self.column("seconds"), doc="wall-clock seconds per epoch")
 
     def final(self) -> dict:
+        """The last epoch's record (``{}`` before the first epoch ends)."""
         return self.epochs[-1] if self.epochs else {}
 
     def to_frame(self):
@@ -68,6 +72,7 @@ class History:
                             or list(self.COLUMNS)).set_index("epoch")
 
     def to_dict(self) -> dict:
+        """Plain values (``status``, ``epochs``, ``steps``, ``stop_reason``), as a checkpoint stores them."""
         return {"status": self.status, "epochs": self.epochs, "steps": self.steps, "stop_reason": self.stop_reason}
 
     def __repr__(self) -> str:
@@ -80,6 +85,15 @@ class History:
 
 @dataclass
 class TrainState:
+    """What :func:`fit` passes to every :class:`~bnlab.train.callbacks.Callback` method.
+
+    ``model`` and ``optimizer`` are the live objects being trained; ``history`` the run's
+    :class:`History` so far; ``epoch`` the current epoch (from 1; 0 in ``on_train_begin``);
+    ``step`` the optimizer steps taken so far; ``batch_loss`` the last batch's loss. A callback
+    sets ``stop = True`` (and ``stop_reason``, a sentence for the history) to end training after
+    the current epoch.
+    """
+
     model: nn.Module
     optimizer: torch.optim.Optimizer
     history: History
@@ -91,6 +105,26 @@ class TrainState:
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    """The ``torch.optim`` optimizer that ``--optimizer name`` means, as :func:`fit` makes it.
+
+    Args:
+        name: ``adam``, ``adamw`` (decoupled weight decay; ``weight_decay=0`` means AdamW's
+            usual 0.01), ``sgd`` (plain, no momentum) or ``momentum`` (SGD with ``momentum``).
+        params: the parameters (or parameter groups) to optimize.
+        lr: the learning rate.
+        momentum: used by ``momentum`` only.
+        weight_decay: L2 penalty (``adamw``: decoupled).
+
+    Returns:
+        A ``torch.optim.Optimizer``.
+
+    Raises:
+        ConfigError: an unknown ``name``.
+
+    Example::
+
+        opt = make_optimizer("momentum", net.parameters(), lr=0.1, momentum=0.9)
+    """
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -147,7 +181,24 @@ def predict_logits(model: nn.Module, data, batch_size: int = 1000, *, limit: int
 
 def evaluate_loss_acc(model: nn.Module, data, batch_size: int = 1000, **options) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode (``options``: see
-    :func:`predict_logits`)."""
+    :func:`predict_logits`).
+
+    Args:
+        model: the network; its mode is restored afterwards.
+        data: a :class:`bnlab.data.Dataset` (standardized as the model was trained).
+        batch_size: examples per forward pass; with ``bn_batch_stats`` also the batch whose
+            statistics BN uses.
+        **options: ``limit`` (only the first ``limit`` examples) and ``bn_batch_stats`` (every
+            BN layer normalizes with each batch's own statistics, on a copy of the model).
+
+    Returns:
+        ``(loss, accuracy)``: the mean cross-entropy in nats and the accuracy in 0..1.
+
+    Example::
+
+        loss, acc = evaluate_loss_acc(net, test)
+        _, acc_batch_stats = evaluate_loss_acc(net, test, bn_batch_stats=True)
+    """
     logits, y = predict_logits(model, data, batch_size, **options)
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 

@@ -25,7 +25,13 @@ from bnlab.train.settings import TrainSettings
 class RunResult:
     """What :func:`train` returns: the trained ``model`` (eval mode), its ``history``, the
     validated ``settings``, the network ``spec`` and ``build`` options, the data splits, and the
-    activation ``tracker`` and ``tensorboard`` directory when the run had them."""
+    activation ``tracker`` and ``tensorboard`` directory when the run had them.
+
+    Example::
+
+        res = train(TrainSettings(dataset="digits", model="keras-mlp", bn="after", epochs=2))
+        res.history.final()["test_acc"], res.train.standardizer, res.build["input_shape"]
+    """
 
     model: nn.Module
     history: History
@@ -39,7 +45,26 @@ class RunResult:
 
 
 def load_data(s: TrainSettings) -> tuple[bdata.Dataset, bdata.Dataset]:
-    """Train and test splits for the settings (standardized with train statistics, limited if asked)."""
+    """Train and test splits for the settings (standardized with train statistics, limited if asked).
+
+    The standardizer is fitted on the training examples actually used (after ``train_limit``).
+
+    Args:
+        s: the settings; ``dataset``, ``data_dir``, ``standardize``, ``train_limit``,
+            ``test_limit``, ``image_size`` and ``channels`` are used.
+
+    Returns:
+        ``(train, test)``, two :class:`bnlab.data.Dataset` objects sharing one standardizer.
+
+    Raises:
+        DataNotFoundError: the dataset's files are not where bnlab looks.
+        DataFormatError: a file is corrupt.
+        ConfigError: an unknown dataset or option.
+
+    Example::
+
+        train_ds, test_ds = load_data(TrainSettings(dataset="digits", train_limit=500))
+    """
     opts = {k: v for k, v in (("image_size", s.image_size), ("channels", s.channels)) if v is not None}
     train = bdata.load(s.dataset, "train", s.data_dir, **opts)
     if s.train_limit:
@@ -52,7 +77,25 @@ def load_data(s: TrainSettings) -> tuple[bdata.Dataset, bdata.Dataset]:
 
 
 def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Module, dict, dict]:
-    """The network for the settings, initialized from ``s.seed`` (as deeplizard seeds both nets)."""
+    """The network for the settings, initialized from ``s.seed`` (as deeplizard seeds both nets).
+
+    Args:
+        s: the settings; ``model``, ``bn``, ``norm``, ``bn_impl``, ``activation``, ``dropout``,
+            ``virtual_batch_size`` and ``seed`` are used.
+        input_shape: one example's shape, e.g. ``train.input_shape``.
+        num_classes: the number of logits.
+
+    Returns:
+        ``(model, spec, build)``: the network, its resolved spec and the keyword arguments of
+        :func:`bnlab.models.build` that rebuild it (what a checkpoint records).
+
+    Raises:
+        ConfigError: see :func:`bnlab.models.build`.
+
+    Example::
+
+        net, spec, build = build_model(settings, train_ds.input_shape, train_ds.num_classes)
+    """
     spec = models.resolve_spec(s.model)
     build = {"input_shape": list(input_shape), "num_classes": num_classes, "bn": s.bn, "norm": s.norm,
              "bn_impl": s.bn_impl, "activation": s.activation, "dropout": s.dropout,
@@ -75,6 +118,16 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         datasets: ``(train, test)`` to skip loading (sweeps reuse data across runs).
         tensorboard: write TensorBoard event files under ``tensorboard/<name>/<run_id>``
             (``run_id`` defaults to the settings' identity hash).
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        ConfigError: invalid settings, a network that does not fit the data, an unwritable
+            ``checkpoint`` path, or ``tensorboard`` without the tensorboard package.
+        DataNotFoundError: the dataset's files are not where bnlab looks.
+        CheckpointError: the checkpoint could not be written (the message says where the
+            trained weights were rescued to).
 
     Example::
 

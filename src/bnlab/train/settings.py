@@ -44,6 +44,25 @@ def identity_hash(settings: dict) -> str:
 class TrainSettings:
     """Everything a training run depends on. ``validate()`` refuses bad values with a clear error.
 
+    Each field below is declared with its default and one line of help, which ``bnlab train
+    --help`` prints; the CLI flag is the name with dashes (``--batch-size``) unless the field names
+    another (``track_every`` is ``--every``). Constructing does not check anything: :meth:`validate`
+    does (and :func:`bnlab.train.train` calls it).
+
+    Args:
+        dataset: a dataset name (``bnlab data list``), e.g. ``fashion-mnist``, ``digits``.
+        model: a zoo name, a spec ``.toml`` file, ``path/to/file.py:factory`` or
+            ``package.module:factory``.
+        bn, bn_impl, norm, virtual_batch_size, activation, dropout: the network's normalization
+            and layers, as for :func:`bnlab.models.build`.
+        optimizer, lr, schedule, momentum, weight_decay, batch_size, epochs, seed: the training
+            loop, as for :func:`bnlab.train.fit` (``lr`` is the schedule's peak).
+        standardize, augment, data_dir, train_limit, test_limit, image_size, channels: the data.
+        early_stopping: patience in epochs on the test loss (``None``: off).
+        track_activations, track_every, track_test_acc: record layer-input statistics every
+            ``track_every`` steps (see :class:`~bnlab.train.activations.ActivationTracker`).
+        extra: free-form values that are not settings (a dict; not part of the identity).
+
     Example::
 
         s = TrainSettings(dataset="digits", model="keras-mlp", bn="after", epochs=2).validate()
@@ -87,7 +106,17 @@ class TrainSettings:
     extra: dict = field(default_factory=dict, metadata={"help": None})
 
     def validate(self) -> "TrainSettings":
-        """Check every value's type, choices and bounds (numbers as numbers: ``"0.1"`` is refused)."""
+        """Check every value's type, choices and bounds (numbers as numbers: ``"0.1"`` is refused).
+
+        Whole numbers given for float settings become floats (``lr=1`` is ``lr=1.0``).
+
+        Returns:
+            ``self``, so ``TrainSettings(...).validate()`` reads as one expression.
+
+        Raises:
+            ConfigError: the first invalid value, with the setting's name, the value and the
+                choices or bounds; an unknown dataset; a batch size of 1 with BN.
+        """
         from bnlab.data import SOURCES
 
         for f in settings_fields():
@@ -123,6 +152,7 @@ class TrainSettings:
         return self
 
     def to_dict(self) -> dict:
+        """Every setting as plain values (``extra`` left out), as checkpoints and the run store keep them."""
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
@@ -138,6 +168,12 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
+        """Settings from a dict such as :meth:`to_dict` gives (missing keys take their defaults).
+
+        Raises:
+            ConfigError: a key that is not a setting (with a did-you-mean). The values are not
+                checked: call :meth:`validate`.
+        """
         names = [f.name for f in settings_fields()]
         unknown = set(d) - set(names)
         if unknown:
