@@ -27,3 +27,22 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     # Keep tests away from the user's cache and data dir settings.
     monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
     monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def randomize_bn(model, seed=1):
+    """Random running statistics and affine parameters in every BN layer (those that track
+    statistics), then eval mode: BN layers that are not the identity, for folding tests."""
+    import torch
+
+    from bnlab.nn import is_batchnorm
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if is_batchnorm(m) and m.running_mean is not None:
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()

@@ -36,11 +36,3 @@ class Net(nn.Module):
 
 def make(input_shape, num_classes):
     return Net(input_shape[0], num_classes)
-
-
-def with_bn(input_shape, num_classes, bn="before"):
-    net = Net(input_shape[0], num_classes)
-    if bn == "none":
-        net.bn = nn.Identity()
-    net.bn_seen = bn
-    return net

@@ -559,6 +559,13 @@ def _add_data_dir(p) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset's files (searched first)")
 
 
+def _add_checkpoint(p, data_use: str) -> None:
+    """The checkpoint argument, and where the data it is used with comes from (:func:`_checkpoint_data`)."""
+    p.add_argument("checkpoint", help="a checkpoint written by bnlab train -o")
+    p.add_argument("--dataset", help=f"{data_use} (default: the dataset it was trained on)")
+    _add_data_dir(p)
+
+
 def _add_image_options(p) -> None:
     p.add_argument("--image-size", type=int, help="image-folder: resize images to this square size (default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image-folder: 1 = grayscale, 3 = RGB (default 3)")
@@ -666,9 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class precision/recall/F1 of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--dataset", help="default: the dataset it was trained on")
-    _add_data_dir(p)
+    _add_checkpoint(p, "the data to evaluate on")
     p.add_argument("--split", default="test", choices=("train", "test"), help="the split to evaluate on")
     p.add_argument("-o", "--output", "--confusion", dest="output", metavar="PNG",
                    help="write the confusion matrix as a PNG")
@@ -678,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with a checkpoint",
                        description="Unreadable files are reported one line each while the others are "
                                    "predicted; the exit status is then 2.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by bnlab train -o")
     p.add_argument("images", nargs="+",
                    help="image files, directories (their image files, not recursive) or quoted glob patterns")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
@@ -766,9 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every BN layer of a checkpoint against the data. Exit status: 0 when "
                                    "healthy, 1 when it finds a problem (also with --fix: the status describes the "
                                    "checkpoint given), 2 on an error.")
-    p.add_argument("checkpoint")
-    p.add_argument("--dataset", help="default: the dataset it was trained on")
-    _add_data_dir(p)
+    _add_checkpoint(p, "the data to check it against")
     p.add_argument("--limit", type=int, default=10000, help="training images used for statistics (default 10000)")
     p.add_argument("--fix", action="store_true", help="recalibrate the running statistics (precise BN)")
     p.add_argument("-o", "--output", help="with --fix: where to write the recalibrated checkpoint")
@@ -776,11 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("fold", help="merge a checkpoint's BN layers into their Conv/Linear neighbours (for shipping)")
-    p.add_argument("checkpoint")
+    _add_checkpoint(p, "with --check: the data to compare on")
     p.add_argument("-o", "--output", required=True, help="where to write the folded checkpoint")
     p.add_argument("--check", action="store_true", help="compare test accuracy before and after folding")
-    p.add_argument("--dataset", help="with --check: default the dataset it was trained on")
-    _add_data_dir(p)
     _add_json(p)
     p.set_defaults(func=cmd_fold)
 
@@ -788,14 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fold BN, export to ONNX with a dynamic batch dimension, and check the file in "
                                    "onnxruntime on 256 test images (outputs within 1e-4, same top-1 class), else "
                                    "fail and write nothing. Needs: pip install 'bnlab[export]'.")
-    p.add_argument("checkpoint")
+    _add_checkpoint(p, "the test images the file is checked on")
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="the .onnx file to write")
     p.add_argument("--bake-standardization", action=argparse.BooleanOptionalAction, default=True,
                    help="put the training standardization in the graph, so it takes raw pixel values 0..255 as "
                         "float32 (--no-bake-standardization: standardized input; mean/std in the metadata)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--dataset", help="check on this dataset's test split (default: the one it was trained on)")
-    _add_data_dir(p)
     p.add_argument("--no-data-check", action="store_true", help="check on random inputs instead of test images")
     _add_json(p)
     p.set_defaults(func=cmd_export)

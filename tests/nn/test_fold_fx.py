@@ -9,19 +9,7 @@ from torch import fx, nn
 import bnlab.nn as bnn
 from bnlab.errors import ConfigError
 from bnlab.models.resnet import resnet20
-
-
-def _randomize(model, seed=1):
-    """Random running statistics and affine parameters in every BN, then eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if bnn.is_batchnorm(m) and m.running_mean is not None:
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
+from conftest import randomize_bn as _randomize
 
 
 def _bn_count(model):

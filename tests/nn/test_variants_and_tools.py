@@ -4,6 +4,7 @@ from torch import nn
 
 import bnlab.nn as bnn
 from bnlab.errors import ConfigError
+from conftest import randomize_bn as _randomize_bn
 
 
 def _train_steps(mod, ref, shape, steps=3, seed=0):
@@ -88,19 +89,6 @@ def test_renorm_warmup_schedule():
 
 
 # ------------------------------------------------------------------ folding
-
-def _randomize_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if bnn.is_batchnorm(m):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
-
 
 def deeplizard_bn():
     return nn.Sequential(

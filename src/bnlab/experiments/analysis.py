@@ -242,8 +242,9 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
     Returns:
         ``{"by", "metric", "levels", "tests", "fixed"}``: ``levels`` are ``{by: level, "n",
         "mean", "std", "ci95"}``, best first (accuracies high, losses and seconds low);
-        ``tests`` are ``{"a", "b", "diff", "t", "p", "verdict"}`` per pair of levels (``t`` and
-        ``p`` are NaN without two seeds and some spread on a side); ``fixed`` the other
+        ``tests`` are ``{"a", "b", "diff", "diff_ci95", "t", "p", "verdict"}`` per pair of levels
+        (``diff_ci95`` is the Welch 95% CI half-width of ``diff``; it, ``t`` and ``p`` are NaN
+        without two seeds and some spread on a side); ``fixed`` the other
         settings of the first row.
 
     Raises:
@@ -284,20 +285,34 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
         for j in range(i + 1, len(summary)):
             a, b = summary[i], summary[j]
             va, vb = levels[a[by]], levels[b[by]]
+            half = math.nan  # the 95% CI half-width of the difference (Welch-Satterthwaite)
             if len(va) > 1 and len(vb) > 1 and (statistics.stdev(va) > 0 or statistics.stdev(vb) > 0):
                 t, p = stats.ttest_ind(va, vb, equal_var=False)
                 t, p = float(t), float(p)
+                sa, sb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+                df = (sa + sb) ** 2 / (sa ** 2 / (a["n"] - 1) + sb ** 2 / (b["n"] - 1))
+                half = t_critical(df) * math.sqrt(sa + sb)
             else:
                 t, p = math.nan, math.nan
             diff = a["mean"] - b["mean"]
-            tests.append({"a": a[by], "b": b[by], "diff": diff, "t": t, "p": p,
+            tests.append({"a": a[by], "b": b[by], "diff": diff, "diff_ci95": half, "t": t, "p": p,
                           "verdict": verdict(by, a[by], b[by], diff, p, metric, len(va), len(vb))})
     fixed = {k: v for k, v in (rows_[0].items() if rows_ else ()) if k in setting_columns(rows_) and k != by}
     return {"by": by, "metric": metric, "levels": summary, "tests": tests, "fixed": fixed}
 
 
+METRIC_NAMES = {"test_acc": "test accuracy", "train_acc": "training accuracy", "test_loss": "test loss",
+                "train_loss": "training loss", "seconds": "seconds per epoch", "test_error": "test error"}
+
+
+def metric_name(metric: str) -> str:
+    """A metric column in words: ``test_acc`` -> ``test accuracy``."""
+    return METRIC_NAMES.get(metric, metric.replace("summary.", "").replace("_", " "))
+
+
 def verdict(by, a, b, diff, p, metric, na, nb) -> str:
     what = f"{by}={a} vs {by}={b}"
+    metric = metric_name(metric)
     amount = f"{abs(diff) * 100:.2f} points" if metric.endswith("acc") else f"{abs(diff):.4g}"
     better = "higher" if diff > 0 else "lower"
     if math.isnan(p):

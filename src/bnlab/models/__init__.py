@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.models.spec import (ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS, build_from_spec, format_summary,
-                               load_spec, output_shapes, summary, validate_spec)
+from bnlab.models.spec import (ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS, build_from_spec, check_build_options,
+                               format_summary, load_spec, output_shapes, summary, validate_spec)
 from bnlab.errors import ConfigError
 from bnlab.models.factory import call_factory, is_python_spec, is_reference, load_factory, reference_spec, takes
 from bnlab.models.zoo import ZOO, get_spec
@@ -132,8 +132,7 @@ def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: st
     from bnlab.nn import convert, is_batchnorm
 
     fn = load_factory(spec)
-    if bn not in BN_PLACEMENTS:
-        raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
+    check_build_options(bn=bn, norm=norm, bn_impl=bn_impl)
     if norm != "batch" and not takes(fn, "norm"):
         raise ConfigError(f"model {spec['name']!r}: norm={norm} needs a factory that takes a 'norm' argument; "
                           "this one does not")

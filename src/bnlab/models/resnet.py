@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnlab.errors import ConfigError
-from bnlab.models.spec import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS, _norm_layer
+from bnlab.models.spec import ACTIVATIONS, _norm_layer, check_build_options
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -100,15 +100,8 @@ class ResNetCIFAR(nn.Module):
             raise ConfigError(f"ResNet halves the image twice: input shape {shape} is too small (at least 4x4)")
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ConfigError(f"ResNet depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}")
-        if bn not in BN_PLACEMENTS:
-            raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
-        if norm not in NORMS:
-            raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-        if bn_impl not in BN_IMPLS:
-            raise ConfigError(f"unknown bn_impl {bn_impl!r}; choose bnlab or torch")
         activation = activation or "relu"
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        check_build_options(bn=bn, norm=norm, bn_impl=bn_impl, activation=activation)
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         layers = _Layers("before" if bn == "tutorial" else bn, norm, bn_impl, activation, virtual_batch_size)

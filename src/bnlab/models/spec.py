@@ -180,6 +180,16 @@ def _init_weights(module: nn.Module, init: dict | None, generator=None) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def check_build_options(*, bn: str | None = None, norm: str | None = None, bn_impl: str | None = None,
+                        activation: str | None = None) -> None:
+    """A :class:`ConfigError` for an unknown ``bn`` placement, ``norm``, ``bn_impl`` or
+    ``activation`` (those given): the checks every network builder shares."""
+    for what, value, options in (("bn placement", bn, BN_PLACEMENTS), ("norm", norm, NORMS),
+                                 ("bn_impl", bn_impl, BN_IMPLS), ("activation", activation, ACTIVATIONS)):
+        if value is not None and value not in options:
+            raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+
+
 def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
                     bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
                     virtual_batch_size: int = 32) -> nn.Sequential:
@@ -188,15 +198,8 @@ def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "non
     The arguments are those of :func:`bnlab.models.build`, which is the entry point to use.
     """
     spec = validate_spec(spec)
-    if bn not in BN_PLACEMENTS:
-        raise ConfigError(f"unknown bn placement {bn!r}; choose one of {', '.join(BN_PLACEMENTS)}")
-    if norm not in NORMS:
-        raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if bn_impl not in BN_IMPLS:
-        raise ConfigError(f"unknown bn_impl {bn_impl!r}; choose bnlab or torch")
     act_name = activation or spec["activation"]
-    if act_name not in ACTIVATIONS:
-        raise ConfigError(f"unknown activation {act_name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    check_build_options(bn=bn, norm=norm, bn_impl=bn_impl, activation=act_name)
     layers = spec["layers"]
     if bn == "tutorial":
         if not spec.get("tutorial_bn"):

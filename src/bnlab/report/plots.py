@@ -14,12 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 # metric names in the user's words, for axes and titles
-METRIC_NAMES = {"test_acc": "test accuracy", "train_acc": "training accuracy", "test_loss": "test loss",
-                "train_loss": "training loss", "seconds": "seconds per epoch", "test_error": "test error"}
-
-
-def metric_name(metric: str) -> str:
-    return METRIC_NAMES.get(metric, metric.replace("summary.", "").replace("_", " "))
+from bnlab.experiments.analysis import METRIC_NAMES, metric_name  # noqa: F401 (re-exported)
 
 
 def run_title(settings: dict) -> str:

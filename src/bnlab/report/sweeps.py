@@ -292,9 +292,7 @@ def _effect_words(c: dict) -> str:
         what += f" (the best two of {len(c['levels'])} values; every pair is tested below)"
     if math.isnan(t["p"]):
         return f"{what}, but with {min(best['n'], second['n'])} seed(s) per side there is no test: run more seeds"
-    va, vb = best["std"] ** 2 / best["n"], second["std"] ** 2 / second["n"]
-    df = (va + vb) ** 2 / (va ** 2 / (best["n"] - 1) + vb ** 2 / (second["n"] - 1))  # Welch-Satterthwaite
-    half = t_critical(df) * math.sqrt(va + vb) * scale
+    half = t["diff_ci95"] * scale
     numbers = f"(95% CI {gain - half:{digits}} to {gain + half:{digits}}), Welch p = {t['p']:.2g}"
     if t["p"] < 0.05:
         return f"{what.replace(' is ahead of ', ' is better than ', 1)} {numbers}"

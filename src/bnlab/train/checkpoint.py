@@ -153,7 +153,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     still be where it was, unchanged (same SHA-256).
 
     Args:
-        path: a file written by :func:`save_checkpoint` (``bnlab train --checkpoint``).
+        path: a file written by :func:`save_checkpoint` (``bnlab train -o PATH``).
 
     Returns:
         A :class:`Checkpoint`.
@@ -170,7 +170,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: write one with 'bnlab train --checkpoint PATH'")
+        raise CheckpointError(f"checkpoint {path} does not exist: write one with 'bnlab train -o PATH'")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -183,12 +183,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(
                 f"{path} was refused: it holds pickled Python objects (code), which bnlab never loads (it reads "
                 "checkpoints with torch.load(weights_only=True)); bnlab checkpoints hold only tensors and plain "
-                "values: re-save the model with 'bnlab train --checkpoint' or bnlab.train.save_checkpoint") from None
+                "values: re-save the model with 'bnlab train -o PATH' or bnlab.train.save_checkpoint") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (unpickling failed: {reason[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a bnlab checkpoint (made by 'bnlab train --checkpoint')")
+        raise CheckpointError(f"{path} is not a bnlab checkpoint (made by 'bnlab train -o PATH')")
     if d.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer bnlab (format version {d['version']}); upgrade bnlab")
     missing = [k for k in ("spec", "build", "state_dict", "standardizer", "classes") if k not in d]
