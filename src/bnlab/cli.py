@@ -196,7 +196,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from bnlab.train import evaluate, format_evaluation, load_checkpoint
 
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint, args.device)
     (data,) = _checkpoint_data(ck, args, (args.split,))
     name = data.name
     rep = evaluate(ck.model, data)
@@ -219,7 +219,7 @@ def cmd_predict(args) -> int:
     from bnlab.train import load_checkpoint, predict_images
     from bnlab.train.evaluate import format_preprocess
 
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint, args.device)
     results = predict_images(ck, args.images, args.top_k, args.invert, errors="report")
     if args.json:
         _print_json(results)
@@ -397,7 +397,7 @@ def cmd_doctor(args) -> int:
         from bnlab._files import check_writable
 
         check_writable(args.output, "checkpoint")
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint, args.device)
     train, test = _checkpoint_data(ck, args)
     rep = diagnose(ck.model, train, test, batch_size=ck.settings.get("batch_size"), stats_limit=args.limit)
     if args.fix:
@@ -566,6 +566,13 @@ def _add_checkpoint(p, data_use: str) -> None:
     _add_data_dir(p)
 
 
+def _add_device(p) -> None:
+    from bnlab.devices import DEVICES
+
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="where to run the network: auto picks cuda, then mps, then cpu")
+
+
 def _add_image_options(p) -> None:
     p.add_argument("--image-size", type=int, help="image-folder: resize images to this square size (default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image-folder: 1 = grayscale, 3 = RGB (default 3)")
@@ -674,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, loss, per-class precision/recall/F1 of a checkpoint")
     _add_checkpoint(p, "the data to evaluate on")
+    _add_device(p)
     p.add_argument("--split", default="test", choices=("train", "test"), help="the split to evaluate on")
     p.add_argument("-o", "--output", "--confusion", dest="output", metavar="PNG",
                    help="write the confusion matrix as a PNG")
@@ -691,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="invert pixel values (dark objects on a light background, for MNIST-style models); "
                         "auto (default): when the picture's border is light and the training images are dark; "
                         "a bare --invert means yes (put it after the images or write --invert=yes)")
+    _add_device(p)
     _add_json(p)
     p.set_defaults(func=cmd_predict)
 
@@ -772,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "healthy, 1 when it finds a problem (also with --fix: the status describes the "
                                    "checkpoint given), 2 on an error.")
     _add_checkpoint(p, "the data to check it against")
+    _add_device(p)
     p.add_argument("--limit", type=int, default=10000, help="training images used for statistics (default 10000)")
     p.add_argument("--fix", action="store_true", help="recalibrate the running statistics (precise BN)")
     p.add_argument("-o", "--output", help="with --fix: where to write the recalibrated checkpoint")

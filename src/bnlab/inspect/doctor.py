@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from bnlab.devices import model_device
 from bnlab.nn import is_batchnorm, population_statistics, recalibrate_batchnorm
 from bnlab.train import evaluate_loss_acc
 
@@ -32,20 +33,25 @@ def accuracy(model: nn.Module, data, batch_size: int = 500, batch_stats: bool = 
     return evaluate_loss_acc(model, data, batch_size, bn_batch_stats=batch_stats)[1]
 
 
-def _layer_shape(model: nn.Module, bn: nn.Module, input_shape) -> tuple:
+def _bn_shapes(model: nn.Module, bns, input_shape) -> dict:
+    """The output shape (without the batch) of every BN layer in ``bns``, from one eval-mode
+    forward pass of two zero examples; a layer the pass does not reach is left out."""
     shapes = {}
 
     def hook(mod, args, out):  # must return None: a forward hook's return value replaces the output
-        shapes["s"] = tuple(out.shape[1:])
+        shapes[mod] = tuple(out.shape[1:])
 
-    handle = bn.register_forward_hook(hook)
+    handles = [bn.register_forward_hook(hook) for bn in bns]
     was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros((2, *input_shape)))
-    model.train(was)
-    handle.remove()
-    return shapes.get("s", ())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape), device=model_device(model)))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return shapes
 
 
 def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = None, stats_limit: int = 10000) -> dict:
@@ -86,6 +92,7 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
     bns = [m for m in model.modules() if is_batchnorm(m)]
     data = train.subset(min(len(train), stats_limit))
     pop = population_statistics(model, data.batches(500)) if bns else {}
+    shapes = _bn_shapes(model, bns, train.input_shape) if bns and batch_size is not None else {}
     layers = []
     for bn in bns:
         findings = []
@@ -94,6 +101,9 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
         if bn.running_mean is None:
             findings.append("track_running_stats=False: uses batch statistics in eval mode too, so predictions "
                             "depend on the batch; fine for large batches, wrong for single examples")
+        elif bn not in pop:
+            findings.append("not reached by the forward pass: this layer is never used, so its statistics "
+                            "cannot be checked (is it left over from an edit of the network?)")
         else:
             if int(bn.num_batches_tracked) == 0:
                 findings.append("running statistics were never updated (num_batches_tracked = 0): was the "
@@ -105,8 +115,9 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
             row["dead_channels"] = int((~live).sum())
             if not live.any():
                 live = torch.ones_like(live)
-            mean_err = ((bn.running_mean.double() - mean).abs() / (var + bn.eps).sqrt())[live]
-            ratio = ((bn.running_var.double() + bn.eps) / (var + bn.eps))[live]
+            running_mean, running_var = (t.to(mean.device, torch.float64) for t in (bn.running_mean, bn.running_var))
+            mean_err = ((running_mean - mean).abs() / (var + bn.eps).sqrt())[live]
+            ratio = ((running_var + bn.eps) / (var + bn.eps))[live]
             log_ratio = ratio.log().abs()
             row.update({"mean_error_max": float(mean_err.max()), "mean_error_avg": float(mean_err.mean()),
                         "var_ratio_worst": float(ratio[log_ratio.argmax()])})
@@ -122,8 +133,8 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
                             + ("running stats follow single batches" if bn.momentum > 0.5 else "running stats barely move"))
         if not (1e-8 <= bn.eps <= 1e-2):
             findings.append(f"eps {bn.eps} is unusual (default 1e-5)")
-        if batch_size is not None:
-            shape = _layer_shape(model, bn, train.input_shape)
+        if batch_size is not None and bn in shapes:
+            shape = shapes[bn]
             per_channel = batch_size * (math.prod(shape[1:]) if len(shape) > 1 else 1)
             row["values_per_channel"] = per_channel
             if per_channel < MIN_VALUES_PER_CHANNEL:

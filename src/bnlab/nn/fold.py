@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from bnlab.devices import model_device, to_device
 from bnlab.errors import ConfigError
 from bnlab.nn.batchnorm import _Dims1d, is_batchnorm
 
@@ -77,42 +78,45 @@ def _flatten(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return items
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.cpu() if t.device.type == "mps" else t).double()  # MPS has no float64
+
+
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(s, t)`` of a BN layer in eval mode, in float64."""
-    var = bn.running_var.detach().double()
-    s = 1.0 / torch.sqrt(var + bn.eps)
+    """Per-channel ``(s, t)`` of a BN layer in eval mode, in float64 (on the CPU for an MPS model)."""
+    s = 1.0 / torch.sqrt(_f64(bn.running_var) + bn.eps)
     if bn.weight is not None:
-        s = s * bn.weight.detach().double()
-    t = -bn.running_mean.detach().double() * s
+        s = s * _f64(bn.weight)
+    t = -_f64(bn.running_mean) * s
     if bn.bias is not None:
-        t = t + bn.bias.detach().double()
+        t = t + _f64(bn.bias)
     return s, t
 
 
-def _set_bias(layer: nn.Module, bias64: torch.Tensor) -> None:
-    ref = layer.weight
-    layer.bias = nn.Parameter(bias64.to(ref.dtype).to(ref.device), requires_grad=False)
+def _param(value64: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value64.to(like.dtype).to(like.device), requires_grad=False)
 
 
 def _fold_into_preceding(layer: nn.Module, bn: nn.Module) -> None:
     s, t = bn_affine(bn)
-    w = layer.weight.detach().double()
+    w = _f64(layer.weight)
     shape = [-1] + [1] * (w.dim() - 1)
-    layer.weight = nn.Parameter((w * s.view(shape)).to(layer.weight.dtype), requires_grad=False)
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s)
-    _set_bias(layer, b * s + t)
+    b = _f64(layer.bias) if layer.bias is not None else torch.zeros_like(s)
+    layer.bias = _param(b * s + t, layer.weight)
+    layer.weight = _param(w * s.view(shape), layer.weight)
 
 
 def _fold_into_following(bn: nn.Module, layer: nn.Module, repeat: int = 1) -> None:
     s, t = bn_affine(bn)
     if repeat > 1:  # BN2d -> Flatten -> Linear: channel c covers `repeat` consecutive features
         s, t = s.repeat_interleave(repeat), t.repeat_interleave(repeat)
-    w = layer.weight.detach().double()
+    w = _f64(layer.weight)
     shape = [1, -1] + [1] * (w.dim() - 2)
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = _f64(layer.bias) if layer.bias is not None else w.new_zeros(w.shape[0])
     b = b + (w * t.view(shape)).sum(dim=tuple(range(1, w.dim())))
-    layer.weight = nn.Parameter((w * s.view(shape)).to(layer.weight.dtype), requires_grad=False)
-    _set_bias(layer, b)
+    layer.bias = _param(b, layer.weight)
+    layer.weight = _param(w * s.view(shape), layer.weight)
 
 
 def _zero_padded(conv: nn.Module) -> bool:
@@ -396,7 +400,8 @@ def population_statistics(model: nn.Module, batches) -> dict:
     sums = {bn: [0, None, None] for bn in bns}
 
     def hook(bn, args):
-        x = args[0].detach().double()
+        x = args[0].detach()
+        x = (x.cpu() if x.device.type == "mps" else x).double()  # MPS has no float64
         dims = [0] + list(range(2, x.dim()))
         acc = sums[bn]
         acc[0] += x.numel() // x.shape[1]
@@ -410,8 +415,9 @@ def population_statistics(model: nn.Module, batches) -> dict:
         for bn in bns:
             bn.train()
         seen = 0
+        device = model_device(model)
         for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            model(to_device(batch[0] if isinstance(batch, (tuple, list)) else batch, device))
             seen += 1
         if seen == 0:
             raise ConfigError("no batches to compute BN statistics from")

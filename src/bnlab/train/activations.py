@@ -71,7 +71,7 @@ def snapshot(x: torch.Tensor, percentiles=(15, 50, 85)) -> dict:
 
         snapshot(torch.randn(10_000))["p50"]   # about 0.0
     """
-    flat = x.detach().reshape(-1).to(torch.float64)
+    flat = x.detach().reshape(-1).to("cpu", torch.float64)  # on any device (MPS has no float64)
     if flat.numel() > MAX_EXACT:  # very large inputs: an evenly strided sample
         flat = flat[:: -(-flat.numel() // MAX_EXACT)]
     s = flat.sort().values

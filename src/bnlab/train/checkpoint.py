@@ -17,6 +17,7 @@ from torch import nn
 
 from bnlab._files import atomic_path
 from bnlab.data import Standardizer
+from bnlab.devices import resolve_device
 from bnlab.errors import BnlabError, CheckpointError
 
 FORMAT = "bnlab-checkpoint"
@@ -144,7 +145,7 @@ def fold_checkpoint(ck: Checkpoint, output: str | Path):
     return report
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the network of a checkpoint in eval mode.
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs), and the
@@ -154,6 +155,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     Args:
         path: a file written by :func:`save_checkpoint` (``bnlab train -o PATH``).
+        device: where the network goes: ``cpu`` (default), ``auto``, ``cuda`` or ``mps``
+            (checkpoints hold CPU tensors, so one written anywhere loads anywhere).
 
     Returns:
         A :class:`Checkpoint`.
@@ -194,8 +197,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     missing = [k for k in ("spec", "build", "state_dict", "standardizer", "classes") if k not in d]
     if missing:
         raise CheckpointError(f"{path} is an incomplete bnlab checkpoint (missing {', '.join(missing)}): train it again")
+    dev = resolve_device(device)
     model = _rebuild(path, d["spec"], d["build"], d["state_dict"])
-    model.eval()
+    model.to(dev).eval()
     try:
         standardizer = Standardizer.from_dict(d["standardizer"])
     except (KeyError, TypeError, ValueError) as e:

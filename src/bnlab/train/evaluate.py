@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bnlab.devices import model_device, to_device
 from bnlab.errors import BnlabError, ConfigError, DataFormatError
 from bnlab.train.loop import predict_logits
 
@@ -218,7 +219,7 @@ def predict_images(ckpt, paths, top_k: int = 3, invert: str | bool = "auto", err
                     raise
                 results.append({"image": str(p), "error": str(e)})
                 continue
-            probs = F.softmax(ckpt.model(x), dim=1)[0]
+            probs = F.softmax(ckpt.model(to_device(x, model_device(ckpt.model))), dim=1)[0].cpu()
             val, idx = probs.topk(k)
             top = [{"class": ckpt.classes[i], "index": int(i), "probability": float(v)}
                    for v, i in zip(val.tolist(), idx.tolist())]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.devices import model_device, resolve_device, to_device
 from bnlab.errors import ConfigError
 from bnlab.train.augment import Augment
 
@@ -162,6 +163,7 @@ def predict_logits(model: nn.Module, data, batch_size: int = 1000, *, limit: int
 
     if limit is not None:
         data = data.subset(limit)
+    device = model_device(model)
     was = model.training
     if bn_batch_stats:
         model = copy.deepcopy(model)
@@ -172,10 +174,12 @@ def predict_logits(model: nn.Module, data, batch_size: int = 1000, *, limit: int
                 m.train()
                 m.momentum = 0.0  # batch statistics, running ones left as they are
     outs, ys = [], []
-    for x, y in data.batches(batch_size):
-        outs.append(model(x))
-        ys.append(y)
-    model.train(was)
+    try:
+        for x, y in data.batches(batch_size):
+            outs.append(model(to_device(x, device)).float().cpu())
+            ys.append(y)
+    finally:
+        model.train(was)
     return torch.cat(outs), torch.cat(ys)
 
 
@@ -229,7 +233,7 @@ def _progress_bar(total: int, desc: str, enabled: bool | None):
 def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: float = 0.01, batch_size: int = 1000,
         epochs: int = 1, seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
         augment: Augment | bool | None = None, callbacks=(), progress: bool | None = None,
-        schedule: str = "constant") -> History:
+        schedule: str = "constant", device: str | torch.device | None = None) -> History:
     """Train ``model`` on ``train`` (a :class:`bnlab.data.Dataset`) and evaluate on ``test``.
 
     Same seed, same data and same model state give an identical history on CPU: the seed drives
@@ -252,6 +256,11 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
         augment: an :class:`Augment` (or True for the default one) applied to training batches.
         callbacks: :class:`Callback` instances, called in order.
         progress: show a progress bar (None: only in a terminal or notebook).
+        schedule: the learning-rate schedule (see :func:`make_schedule`).
+        device: where to train: ``auto``, ``cpu``, ``cuda``, ``mps`` (the model is moved there
+            first) or None (where the model already is). Batches move there one at a time;
+            augmentation runs on the CPU before the move, so results do not depend on the device's
+            random number generator.
 
     Returns:
         the run's :class:`History`.
@@ -265,6 +274,11 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
     """
     if augment is True:
         augment = Augment()
+    if device is None:
+        device = model_device(model)
+    else:
+        device = resolve_device(device)
+        model.to(device)
     torch.manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator().manual_seed(seed + 1)
@@ -294,6 +308,7 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
                 if augment:
                     x = augment(x, augment_gen)
+                x, y = to_device(x, device), to_device(y, device)
                 for cb in callbacks:
                     cb.on_batch_begin(state)
                 out = model(x)

@@ -11,6 +11,7 @@ from torch import nn
 
 from bnlab import data as bdata
 from bnlab._files import check_writable, rescue_dir
+from bnlab.devices import resolve_device
 from bnlab.errors import CheckpointError
 from bnlab import models
 from bnlab.train.activations import ActivationTracker
@@ -153,7 +154,8 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         cbs.append(EarlyStopping(patience=s.early_stopping))
     history = fit(model, train_ds, test_ds, optimizer=s.optimizer, lr=s.lr, batch_size=s.batch_size,
                   epochs=s.epochs, seed=s.seed, momentum=s.momentum, weight_decay=s.weight_decay,
-                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, schedule=s.schedule)
+                  augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, schedule=s.schedule,
+                  device=s.device)
     if checkpoint is not None:
         _save_or_rescue(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
                         classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict(),
@@ -177,10 +179,20 @@ def _save_or_rescue(path, model, **contents) -> None:
                               f"saved to {rescued} instead: move it where you want it") from None
 
 
-def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str:
-    """A run's effective settings, as ``bnlab train`` prints them before training."""
+def device_text(device: str) -> str:
+    """``cpu, 2 torch thread(s)``, ``cuda (NVIDIA ...)`` or ``mps``: the device a setting resolves to."""
     import torch
 
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} torch thread(s)"
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str:
+    """A run's effective settings, as ``bnlab train`` prints them before training."""
     shown = ["weight_decay", "dropout", "early_stopping"]
     shown += ["momentum"] if s.optimizer == "momentum" else []
     shown += ["virtual_batch_size"] if s.norm == "ghost" else []
@@ -191,4 +203,4 @@ def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str
             f"{len(train)} train / {len(test)} test examples, standardize={s.standardize}, from {train.source or '?'}\n"
             f"{s.optimizer} lr {s.lr:g} ({s.schedule} schedule), batch size {s.batch_size}, {s.epochs} epoch(s), "
             f"seed {s.seed}" + "".join(f", {e}" for e in extras)
-            + f"; device cpu, {torch.get_num_threads()} torch thread(s)")
+            + f"; device {device_text(s.device)}")

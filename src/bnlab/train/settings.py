@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 from bnlab.data import STANDARDIZE_MODES
+from bnlab.devices import DEVICES, resolve_device
 from bnlab.errors import ConfigError, suggest
 from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
 from bnlab.train.loop import SCHEDULES
@@ -23,20 +24,32 @@ from bnlab.train.loop import SCHEDULES
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 
 
+_ORIGINAL = object()
+
+
 def setting(default, help: str, *, choices=None, minimum=None, below=None, flag: str | None = None,
-            metavar: str | None = None):
+            metavar: str | None = None, added=_ORIGINAL):
     """A documented setting. ``minimum`` is inclusive, ``below`` exclusive; ``flag`` overrides the
-    CLI option name (default ``--`` + the name with dashes)."""
+    CLI option name (default ``--`` + the name with dashes).
+
+    ``added`` marks a setting added after run stores existed: its value before it existed (how
+    every older run ran). A run's identity leaves such a setting out while it has that value, so
+    the runs of older stores keep their ids, and a sweep stored by an older bnlab resumes instead
+    of running everything again.
+    """
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "below": below,
-                                            "flag": flag, "metavar": metavar})
+                                            "flag": flag, "metavar": metavar, "added": added})
 
 
 NOT_IDENTITY = {"data_dir"}  # settings that say where, not what: left out of a run's identity
 
 
 def identity_hash(settings: dict) -> str:
-    """Stable 16-hex-digit hash of a settings dict, leaving out :data:`NOT_IDENTITY`."""
-    d = {k: v for k, v in settings.items() if k not in NOT_IDENTITY}
+    """Stable 16-hex-digit hash of a settings dict, leaving out :data:`NOT_IDENTITY` and the
+    later-added settings at the value older runs had (see :func:`setting`)."""
+    added = _added()
+    d = {k: v for k, v in settings.items()
+         if k not in NOT_IDENTITY and not (k in added and v == added[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -61,6 +74,7 @@ class TrainSettings:
         early_stopping: patience in epochs on the test loss (``None``: off).
         track_activations, track_every, track_test_acc: record layer-input statistics every
             ``track_every`` steps (see :class:`~bnlab.train.activations.ActivationTracker`).
+        device: ``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda`` or ``mps``.
         extra: free-form values that are not settings (a dict; not part of the identity).
 
     Example::
@@ -103,6 +117,8 @@ class TrainSettings:
     track_every: int = setting(100, "with --track-activations: a snapshot every K steps", minimum=1, flag="--every",
                                metavar="K")
     track_test_acc: bool = setting(False, "with --track-activations: also the test accuracy at every snapshot")
+    device: str = setting("auto", "where to train: auto picks cuda, then mps, then cpu", choices=DEVICES,
+                          added="cpu")
     extra: dict = field(default_factory=dict, metadata={"help": None})
 
     def validate(self) -> "TrainSettings":
@@ -147,6 +163,7 @@ class TrainSettings:
         if self.bn != "none" and self.batch_size < 2:
             raise ConfigError(f"batch_size={self.batch_size} with bn={self.bn}: batch norm needs at least 2 values "
                               "per channel in every training batch: use a batch size of 2 or more (or bn=none)")
+        resolve_device(self.device)  # a device this machine lacks is refused now, before any data loads
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
         return self
@@ -162,6 +179,7 @@ class TrainSettings:
         when given, of the torch thread count the run uses (CPU kernels sum in another order
         with other thread counts, so results differ in the last digits): a sweep's run id."""
         d = self.to_dict()
+        d["device"] = resolve_device(self.device).type  # what ran: auto on a machine without a GPU is cpu
         if threads is not None:
             d["threads"] = threads
         return identity_hash(d)
@@ -201,6 +219,11 @@ def _fields() -> tuple[dataclasses.Field, ...]:
 def settings_fields() -> list[dataclasses.Field]:
     """The declared settings of :class:`TrainSettings`, in order (``extra`` is not a setting)."""
     return list(_fields())
+
+
+@functools.cache
+def _added() -> dict:
+    return {f.name: f.metadata["added"] for f in _fields() if f.metadata.get("added", _ORIGINAL) is not _ORIGINAL}
 
 
 @functools.cache
