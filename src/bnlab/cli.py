@@ -119,8 +119,7 @@ def cmd_models_show(args) -> int:
         shape, classes = tuple(int(v) for v in args.input_shape.split(",")), args.classes
     else:
         shape, classes = _input_for(args.dataset, args.data_dir, args.image_size, args.channels)
-    model = build(args.name, bn=args.bn, norm=args.norm, bn_impl=args.bn_impl, activation=args.activation,
-                  input_shape=shape, num_classes=classes)
+    model = build(args.name, input_shape=shape, num_classes=classes, **{k: getattr(args, k) for k in MODEL_SETTINGS})
     s = summary(model, shape)
     if args.json:
         _print_json(s)
@@ -578,7 +577,7 @@ def _add_image_options(p) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), help="image-folder: 1 = grayscale, 3 = RGB (default 3)")
 
 
-MODEL_SETTINGS = ("bn", "bn_impl", "norm", "activation")
+MODEL_SETTINGS = ("bn", "bn_impl", "norm", "norm_groups", "weight_std", "activation")
 
 
 def _add_settings_options(p, only=None) -> None:

@@ -226,7 +226,7 @@ def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = 
         s = run.settings
         where = (s.dataset, s.data_dir, s.image_size, s.channels)
         data.setdefault(where, run)
-        nets.setdefault((where, s.model, s.bn, s.norm, s.bn_impl, s.activation, s.dropout, s.virtual_batch_size), run)
+        nets.setdefault((where, s.model, *s.build_options().values()), run)
     check_data(data.values())
     shapes = {where: _input_shape(*where) for where in data}
     import torch
@@ -238,8 +238,7 @@ def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = 
         input_shape, classes = shapes[where]
         try:
             with torch.device("meta"):  # shapes only: no memory for the weights, however large
-                build(s.model, input_shape=input_shape, num_classes=classes, bn=s.bn, norm=s.norm, bn_impl=s.bn_impl,
-                      activation=s.activation, dropout=s.dropout, virtual_batch_size=s.virtual_batch_size)
+                build(s.model, input_shape=input_shape, num_classes=classes, **s.build_options())
         except ConfigError as e:
             point = {"model": s.model, "bn": s.bn, **{k: getattr(s, k) for k in cfg.grid_keys()}}
             raise ConfigError(f"sweep {cfg.name!r} ({', '.join(f'{k}={v}' for k, v in point.items())}): "

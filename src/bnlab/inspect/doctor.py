@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnlab.devices import model_device
-from bnlab.nn import is_batchnorm, population_statistics, recalibrate_batchnorm
+from bnlab.nn import is_batchnorm, is_per_example_norm, population_statistics, recalibrate_batchnorm
 from bnlab.train import evaluate_loss_acc
 
 # A channel whose running mean is off by more than this many population standard deviations, or
@@ -73,7 +73,9 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
 
     Returns:
         ``{"layers", "bn_layers", "problems"}`` and, with ``test``, ``"eval_acc"``,
-        ``"batch_stats_acc"`` and ``"network_findings"``; each of ``layers`` has ``layer``,
+        ``"batch_stats_acc"`` and ``"network_findings"``; ``other_norms`` lists the GroupNorm,
+        LayerNorm and InstanceNorm layers (``layer``, ``type``, ``channels``), which have no
+        running statistics to check; each of ``layers`` has ``layer``,
         ``type``, ``channels``, ``momentum``, ``eps``, ``findings`` (sentences), ``status``
         (``ok``/``warn``) and, where measured, ``mean_error_max``, ``mean_error_avg`` (in
         population std), ``var_ratio_worst``, ``dead_channels`` and ``values_per_channel``.
@@ -143,7 +145,9 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
                                 "or recalibrating (--fix)")
         row["status"] = "warn" if findings else "ok"
         layers.append(row)
-    report = {"layers": layers, "bn_layers": len(bns)}
+    others = [{"layer": names[m], "type": type(m).__name__, "channels": _channels(m)}
+              for m in model.modules() if is_per_example_norm(m)]
+    report = {"layers": layers, "bn_layers": len(bns), "other_norms": others}
     if test is not None and bns:
         report["eval_acc"] = accuracy(model, test)
         report["batch_stats_acc"] = accuracy(model, test, batch_stats=True)
@@ -180,6 +184,10 @@ def fix(model: nn.Module, train, stats_limit: int | None = None) -> nn.Module:
     return recalibrate_batchnorm(model, data.batches(500))
 
 
+def _channels(m: nn.Module) -> int | None:
+    return getattr(m, "num_channels", None) or getattr(m, "num_features", None)
+
+
 def format_diagnosis(rep: dict) -> str:
     """A :func:`diagnose` report as text, as ``bnlab doctor`` prints it.
 
@@ -198,9 +206,12 @@ def format_diagnosis(rep: dict) -> str:
 
         print(format_diagnosis(diagnose(net, train, test, batch_size=64)))
     """
+    others = rep.get("other_norms") or []
+    other_line = (f"{len(others)} {'/'.join(sorted({r['type'] for r in others}))} layer(s): they normalize each "
+                  "example by itself (no running statistics, the same in training and eval mode): nothing to check")
     if rep["bn_layers"] == 0:
-        return "no batch-norm layers: nothing to check"
-    lines = []
+        return other_line if others else "no batch-norm layers: nothing to check"
+    lines = [other_line] if others else []
     for r in rep["layers"]:
         stats = ""
         if "mean_error_max" in r:

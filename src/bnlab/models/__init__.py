@@ -16,6 +16,7 @@ from bnlab.models.spec import (ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS, buil
 from bnlab.errors import ConfigError
 from bnlab.models.factory import call_factory, is_python_spec, is_reference, load_factory, reference_spec, takes
 from bnlab.models.zoo import ZOO, get_spec
+from bnlab.nn.norms import standardize_weights, warn_group_counts
 
 __all__ = ["build", "build_python", "resolve_spec", "is_reference", "ZOO", "get_spec", "load_spec", "validate_spec", "summary", "format_summary",
            "output_shapes", "ACTIVATIONS", "BN_PLACEMENTS", "NORMS", "BN_IMPLS"]
@@ -55,7 +56,8 @@ def resolve_spec(name_or_spec) -> dict:
 
 def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
           bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
-          virtual_batch_size: int = 32, seed: int | None = None) -> nn.Module:
+          virtual_batch_size: int = 32, norm_groups: int = 32, weight_std: bool = False,
+          seed: int | None = None) -> nn.Module:
     """Build a network by zoo name, spec file, Python factory or spec dict, with BN placed as asked.
 
     Args:
@@ -66,12 +68,17 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
         num_classes: the number of logits.
         bn: ``none``, ``before``/``after`` (the activation of every conv/dense layer but the
             last), or ``tutorial`` (the zoo entry's own placement).
-        norm: ``batch``, ``renorm`` or ``ghost`` (virtual batches of ``virtual_batch_size``).
+        norm: the normalizer at each BN place: ``batch``, ``renorm``, ``ghost`` (virtual batches
+            of ``virtual_batch_size``), ``group`` (``norm_groups`` groups), ``layer``,
+            ``instance`` or ``none`` (see :mod:`bnlab.nn.norms`). A Python model's BN layers are
+            swapped for it (:func:`bnlab.nn.swap_norm`) unless its factory takes ``norm``.
         bn_impl: ``bnlab`` or ``torch`` layers.
         activation: replaces the spec's activation everywhere (a name in :data:`ACTIVATIONS`);
             ``None`` keeps it. Passed on to a Python factory that takes it.
         dropout: replaces the probability of every dropout layer; ``None`` keeps the spec's.
         virtual_batch_size: examples per virtual batch of ``norm="ghost"``.
+        norm_groups: GroupNorm's groups (capped at a divisor of the channels, with a warning).
+        weight_std: make every ``Conv2d`` weight-standardized (:class:`bnlab.nn.WSConv2d`).
         seed: initialize the weights from ``torch.manual_seed(seed)``, exactly as ``bnlab train
             --seed`` does (``None``: from torch's current random state).
 
@@ -91,17 +98,26 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
     if seed is not None:
         torch.manual_seed(seed)
     spec = resolve_spec(name_or_spec)
+    if not isinstance(weight_std, bool):
+        raise ConfigError(f"weight_std must be true or false, got {weight_std!r}")
     if not is_python_spec(spec):
-        return build_from_spec(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm,
-                               bn_impl=bn_impl, activation=activation, dropout=dropout,
-                               virtual_batch_size=virtual_batch_size)
-    return build_python(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm, bn_impl=bn_impl,
-                        activation=activation, dropout=dropout, virtual_batch_size=virtual_batch_size)
+        model = build_from_spec(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm,
+                                bn_impl=bn_impl, activation=activation, dropout=dropout,
+                                virtual_batch_size=virtual_batch_size, norm_groups=norm_groups)
+    else:
+        model = build_python(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm,
+                             bn_impl=bn_impl, activation=activation, dropout=dropout,
+                             virtual_batch_size=virtual_batch_size, norm_groups=norm_groups)
+    if norm == "group" and torch.get_default_device().type != "meta":
+        warn_group_counts(model, norm_groups)
+    return standardize_weights(model) if weight_std else model
 
 
-def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: str, bn_impl: str, **options) -> nn.Module:
+def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: str, bn_impl: str,
+                 norm_groups: int = 32, **options) -> nn.Module:
     """A Python spec's network (:func:`bnlab.models.factory.call_factory`), with its BN layers
-    made ``bn_impl``'s. A factory that takes no ``norm`` argument only builds ``norm=batch``.
+    made ``bn_impl``'s, or swapped for ``norm`` (:func:`bnlab.nn.swap_norm`) when that is not
+    ``batch`` and the factory takes no ``norm`` argument.
 
     :func:`build` calls this for Python specs; call it yourself only with a spec from
     :func:`resolve_spec`. With ``bn="none"`` and a factory that takes no ``bn`` argument, the
@@ -109,7 +125,7 @@ def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: st
 
     Args:
         spec: a Python spec (``{"name", "python": ...}``), e.g. from :func:`resolve_spec`.
-        input_shape, num_classes, bn, norm, bn_impl: as for :func:`build`.
+        input_shape, num_classes, bn, norm, bn_impl, norm_groups: as for :func:`build`.
         **options: ``activation``, ``dropout``, ``virtual_batch_size``: passed to a factory
             that names them (or takes ``**kwargs``); ``None`` values are left out.
 
@@ -117,9 +133,9 @@ def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: st
         The factory's network, checked to give ``num_classes`` logits for ``input_shape``.
 
     Raises:
-        ConfigError: an unknown ``bn``; ``norm`` other than ``batch`` or ``bn`` ``before``/``after``
-            for a factory without that argument; a factory that is missing, changed, fails or
-            returns the wrong thing.
+        ConfigError: an unknown ``bn`` or ``norm``; ``bn`` ``before``/``after`` for a factory
+            without that argument; a factory that is missing, changed, fails or returns the wrong
+            thing; a normalizer that does not fit one of its BN layers.
 
     Example::
 
@@ -129,21 +145,29 @@ def build_python(spec: dict, *, input_shape, num_classes: int, bn: str, norm: st
     """
     import warnings
 
-    from bnlab.nn import convert, is_batchnorm
+    from bnlab.nn import convert, is_batchnorm, swap_norm
 
     fn = load_factory(spec)
     check_build_options(bn=bn, norm=norm, bn_impl=bn_impl)
-    if norm != "batch" and not takes(fn, "norm"):
-        raise ConfigError(f"model {spec['name']!r}: norm={norm} needs a factory that takes a 'norm' argument; "
-                          "this one does not")
     as_written = None
     if bn == "none" and not takes(fn, "bn") and torch.get_default_device().type != "meta":
         with torch.random.fork_rng(devices=[]):  # counting must not use up the seeded random draws
             as_written = sum(map(is_batchnorm, call_factory(spec, input_shape=input_shape, num_classes=num_classes,
                                                             bn="tutorial", **options).modules()))
     model = call_factory(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, norm=norm, bn_impl=bn_impl,
+                         norm_groups=norm_groups,
                          **options)
     if as_written:
         warnings.warn(f"bn=none removed the {as_written} BN layer(s) of {spec['name']} (bn=tutorial keeps the model "
                       "as written)", stacklevel=2)
+    if takes(fn, "norm") and norm != "batch":
+        return model  # the factory placed the normalizer itself
+    if norm != "batch" and bn != "none":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # build() says once which layers have fewer groups
+                return swap_norm(model, norm, impl=bn_impl, groups=norm_groups,
+                                 virtual_batch_size=options.get("virtual_batch_size") or 32)
+        except ConfigError as e:
+            raise ConfigError(f"model {spec['name']!r}: norm={norm}: {e}") from None
     return convert(model, to=bn_impl) if not takes(fn, "bn_impl") else model

@@ -27,7 +27,8 @@ from __future__ import annotations
 from torch import nn
 
 from bnlab.errors import ConfigError
-from bnlab.models.spec import ACTIVATIONS, _norm_layer, check_build_options
+from bnlab.models.spec import ACTIVATIONS, check_build_options
+from bnlab.nn.norms import norm_layer
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -35,19 +36,20 @@ STAGE_CHANNELS = (16, 32, 64)
 class _Layers:
     """Makes the convs, norms and activations of one network, all with the same BN settings."""
 
-    def __init__(self, bn: str, norm: str, bn_impl: str, activation: str, virtual_batch_size: int):
+    def __init__(self, bn: str, norm: str, bn_impl: str, activation: str, virtual_batch_size: int, norm_groups: int):
         self.bn, self.norm, self.bn_impl = bn, norm, bn_impl
-        self.activation, self.virtual_batch_size = activation, virtual_batch_size
+        self.activation, self.virtual_batch_size, self.norm_groups = activation, virtual_batch_size, norm_groups
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, *, shortcut: bool = False) -> nn.Conv2d:
         # no bias where a BN follows directly: its shift would cancel the bias
-        bn_follows = self.bn == "before" or (shortcut and self.bn != "none")
+        bn_follows = (self.bn == "before" or (shortcut and self.bn != "none")) and self.norm != "none"
         return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=not bn_follows)
 
     def norm_layer(self, channels: int) -> nn.Module:
         if self.bn == "none":
             return nn.Identity()
-        return _norm_layer("2d", channels, self.norm, self.bn_impl, self.virtual_batch_size)
+        return norm_layer(self.norm, channels, dims=2, impl=self.bn_impl, groups=self.norm_groups,
+                          virtual_batch_size=self.virtual_batch_size)
 
     def act(self) -> nn.Module:
         return ACTIVATIONS[self.activation]()
@@ -86,12 +88,14 @@ class ResNetCIFAR(nn.Module):
         num_classes: the number of logits.
         depth: ``6n + 2`` with ``n >= 1``.
         bn: ``before`` (= ``tutorial``, the paper's), ``after`` or ``none``; see the module docstring.
-        norm, bn_impl, virtual_batch_size: the BN layer, as in :func:`bnlab.models.build`.
+        norm, bn_impl, virtual_batch_size, norm_groups: the normalizer, as in
+            :func:`bnlab.models.build` (``group``, ``layer``, ``instance`` too).
         activation: a name from :data:`bnlab.models.ACTIVATIONS` (default ``relu``).
     """
 
     def __init__(self, input_shape, num_classes: int, depth: int = 20, *, bn: str = "before", norm: str = "batch",
-                 bn_impl: str = "bnlab", activation: str | None = "relu", virtual_batch_size: int = 32):
+                 bn_impl: str = "bnlab", activation: str | None = "relu", virtual_batch_size: int = 32,
+                 norm_groups: int = 32):
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3:
@@ -104,7 +108,8 @@ class ResNetCIFAR(nn.Module):
         check_build_options(bn=bn, norm=norm, bn_impl=bn_impl, activation=activation)
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-        layers = _Layers("before" if bn == "tutorial" else bn, norm, bn_impl, activation, virtual_batch_size)
+        layers = _Layers("before" if bn == "tutorial" else bn, norm, bn_impl, activation, virtual_batch_size,
+                         norm_groups)
         n = (depth - 2) // 6
         self.depth = depth
 
@@ -137,11 +142,12 @@ class ResNetCIFAR(nn.Module):
 
 
 def resnet20(input_shape, num_classes: int, *, bn: str = "before", norm: str = "batch", bn_impl: str = "bnlab",
-             activation: str | None = "relu", virtual_batch_size: int = 32, **_) -> ResNetCIFAR:
+             activation: str | None = "relu", virtual_batch_size: int = 32, norm_groups: int = 32,
+             **_) -> ResNetCIFAR:
     """ResNet-20 for CIFAR-sized images (0.27 M parameters); arguments as :class:`ResNetCIFAR`.
 
     Extra keyword arguments of :func:`bnlab.models.build` that do not apply (``dropout``, ...)
     are accepted and ignored.
     """
     return ResNetCIFAR(input_shape, num_classes, 20, bn=bn, norm=norm, bn_impl=bn_impl, activation=activation,
-                       virtual_batch_size=virtual_batch_size)
+                       virtual_batch_size=virtual_batch_size, norm_groups=norm_groups)

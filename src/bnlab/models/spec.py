@@ -28,6 +28,7 @@ from torch import nn
 
 from bnlab._toml import read_toml
 from bnlab.errors import ConfigError
+from bnlab.nn.norms import BN_IMPLS, NORMS, norm_layer
 
 LAYER_KEYS = {
     "conv": {"out", "kernel", "stride", "padding", "bias"},
@@ -48,8 +49,6 @@ ACTIVATIONS = {
     "gelu": nn.GELU,
 }
 BN_PLACEMENTS = ("none", "before", "after", "tutorial")
-NORMS = ("batch", "renorm", "ghost")
-BN_IMPLS = ("bnlab", "torch")
 
 
 def _where(spec: dict, i: int | None = None) -> str:
@@ -151,21 +150,6 @@ def load_spec(path: str | Path) -> dict:
     return validate_spec(spec)
 
 
-def _norm_layer(kind: str, channels: int, norm: str, bn_impl: str, virtual_batch_size: int) -> nn.Module:
-    import bnlab.nn as bnn
-
-    two_d = kind == "2d"
-    if norm == "batch":
-        if bn_impl == "torch":
-            return nn.BatchNorm2d(channels) if two_d else nn.BatchNorm1d(channels)
-        return bnn.BatchNorm2d(channels) if two_d else bnn.BatchNorm1d(channels)
-    if bn_impl == "torch":
-        raise ConfigError(f"norm={norm!r} exists only in bnlab: use bn_impl='bnlab'")
-    if norm == "renorm":
-        return bnn.BatchRenorm2d(channels) if two_d else bnn.BatchRenorm1d(channels)
-    return (bnn.GhostBatchNorm2d if two_d else bnn.GhostBatchNorm1d)(channels, virtual_batch_size=virtual_batch_size)
-
-
 def _init_weights(module: nn.Module, init: dict | None, generator=None) -> None:
     if not init:
         return
@@ -192,7 +176,7 @@ def check_build_options(*, bn: str | None = None, norm: str | None = None, bn_im
 
 def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
                     bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
-                    virtual_batch_size: int = 32) -> nn.Sequential:
+                    virtual_batch_size: int = 32, norm_groups: int = 32) -> nn.Sequential:
     """Build the ``nn.Sequential`` a spec describes for inputs of ``input_shape`` (without batch).
 
     The arguments are those of :func:`bnlab.models.build`, which is the entry point to use.
@@ -214,7 +198,11 @@ def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "non
     explicit_acts = any(layer["type"] == "activation" for layer in layers)
 
     def add_bn(channels: int, dims: int) -> None:
-        mods.append(_norm_layer("2d" if dims == 3 else "1d", channels, norm, bn_impl, virtual_batch_size))
+        try:
+            mods.append(norm_layer(norm, channels, dims=2 if dims == 3 else 1, impl=bn_impl, groups=norm_groups,
+                                   virtual_batch_size=virtual_batch_size))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     for i, layer in enumerate(layers):
         kind = layer["type"]

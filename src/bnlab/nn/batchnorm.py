@@ -196,33 +196,43 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
 
 
-def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
-    """Swap batch-norm layers in place between torch's and bnlab's, keeping config, state and mode.
+def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
+    """Swap the batch-norm layers of any model in place: between torch's and bnlab's (keeping
+    config, state and mode), or for another normalizer.
 
-    Only the exact classes are swapped: subclasses and bnlab's variants (which have no torch
-    counterpart) stay as they are.
+    Only the exact classes are swapped between libraries: subclasses and bnlab's variants (which
+    have no torch counterpart) stay as they are.
 
     Args:
         model: any module; its children are replaced recursively.
-        to: ``bnlab`` replaces ``torch.nn.BatchNorm1d/2d/3d`` by bnlab's; ``torch`` the reverse.
+        to: ``bnlab`` replaces ``torch.nn.BatchNorm1d/2d/3d`` by bnlab's; ``torch`` the reverse;
+            a normalizer name (``renorm``, ``ghost``, ``group``, ``layer``, ``instance``,
+            ``none``; see :mod:`bnlab.nn.norms`) replaces every BN layer by a fresh one of that
+            kind (:func:`bnlab.nn.norms.swap_norm`).
+        **options: for a normalizer: ``impl``, ``groups``, ``virtual_batch_size``.
 
     Returns:
         ``model``, changed in place; a bare BN module is returned converted, since it cannot be
         replaced in place.
 
     Raises:
-        ConfigError: ``to`` is neither ``bnlab`` nor ``torch``.
+        ConfigError: an unknown ``to``, or a layer the normalizer does not fit.
 
     Example::
 
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
         convert(net)              # net[1] is now a bnlab.nn.BatchNorm1d with the same state
         convert(net, to="torch")  # and back
+        convert(net, to="group", groups=4)   # GroupNorm(4, 8)
     """
+    from bnlab.nn.norms import NORMS, swap_norm
+
+    if to in NORMS:
+        return swap_norm(model, to, **options)
     if to not in ("bnlab", "torch"):
         from bnlab.errors import ConfigError
 
-        raise ConfigError(f"convert(to={to!r}): use 'bnlab' or 'torch'")
+        raise ConfigError(f"convert(to={to!r}): use 'bnlab', 'torch' or a normalizer: {', '.join(NORMS)}")
     src, dst = (TORCH_BN, BNLAB_BN) if to == "bnlab" else (BNLAB_BN, TORCH_BN)
 
     def swap(m: nn.Module) -> nn.Module:

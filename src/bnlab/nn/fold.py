@@ -156,15 +156,30 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     ``fx.GraphModule`` whose ``state_dict`` holds the folded weights under the original names).
     The original is not changed. In eval mode the folded copy computes what ``model`` computes.
     The :class:`FoldReport` names each BN folded, into which layer, and each BN left with the
-    reason. Raises :class:`~bnlab.errors.ConfigError` for a bare layer, or a model torch.fx
+    reason; GroupNorm, LayerNorm and InstanceNorm layers are left (they cannot be folded) and
+    reported. Weight-standardized convs become plain convs holding the standardized weights. Raises :class:`~bnlab.errors.ConfigError` for a bare layer, or a model torch.fx
     cannot trace (naming the module where tracing stopped).
     """
     if next(model.children(), None) is None:
         raise ConfigError(f"fold_batchnorm works on networks (an nn.Sequential, or an nn.Module torch.fx can trace), "
                           f"got a bare {type(model).__name__} layer")
+    from bnlab.nn.norms import WSConv2d, is_per_example_norm, unstandardize_weights
+
+    if any(isinstance(m, WSConv2d) for m in model.modules()):
+        # a weight-standardized conv recomputes its weight from the stored one at every call:
+        # freeze it as a plain conv holding the standardized weight first (the same function)
+        model = copy.deepcopy(model)
+        unstandardize_weights(model)
     if not isinstance(model, nn.Sequential) or _hides_batchnorm(model):
-        return _fold_graph(model)
-    return _fold_sequential(model)
+        folded, report = _fold_graph(model)
+    else:
+        folded, report = _fold_sequential(model)
+    for name, m in model.named_modules():
+        if is_per_example_norm(m):
+            report.left.append({"bn": name, "reason": f"{type(m).__name__} normalizes each example with its own "
+                                "statistics (it has no running ones): not a fixed per-channel scale and shift, so "
+                                "it cannot be folded"})
+    return folded, report
 
 
 def _hides_batchnorm(model: nn.Sequential) -> bool:

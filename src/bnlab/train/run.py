@@ -81,8 +81,7 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
     """The network for the settings, initialized from ``s.seed`` (as deeplizard seeds both nets).
 
     Args:
-        s: the settings; ``model``, ``bn``, ``norm``, ``bn_impl``, ``activation``, ``dropout``,
-            ``virtual_batch_size`` and ``seed`` are used.
+        s: the settings; ``model``, ``seed`` and :meth:`TrainSettings.build_options` are used.
         input_shape: one example's shape, e.g. ``train.input_shape``.
         num_classes: the number of logits.
 
@@ -98,9 +97,7 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
         net, spec, build = build_model(settings, train_ds.input_shape, train_ds.num_classes)
     """
     spec = models.resolve_spec(s.model)
-    build = {"input_shape": list(input_shape), "num_classes": num_classes, "bn": s.bn, "norm": s.norm,
-             "bn_impl": s.bn_impl, "activation": s.activation, "dropout": s.dropout,
-             "virtual_batch_size": s.virtual_batch_size}
+    build = {"input_shape": list(input_shape), "num_classes": num_classes, **s.build_options()}
     return models.build(spec, **build, seed=s.seed), spec, build
 
 
@@ -196,6 +193,8 @@ def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str
     shown = ["weight_decay", "dropout", "early_stopping"]
     shown += ["momentum"] if s.optimizer == "momentum" else []
     shown += ["virtual_batch_size"] if s.norm == "ghost" else []
+    shown += ["norm_groups"] if s.norm == "group" else []
+    shown += ["weight_std"]
     extras = [f"{k} {getattr(s, k)}" for k in shown if getattr(s, k) not in (None, 0, 0.0, False)]
     if s.augment:
         extras.append("augment")

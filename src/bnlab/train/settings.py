@@ -22,6 +22,8 @@ from bnlab.models import ACTIVATIONS, BN_IMPLS, BN_PLACEMENTS, NORMS
 from bnlab.train.loop import SCHEDULES
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
+# the settings models.build takes (the network's shape, not its training)
+BUILD_SETTINGS = ("bn", "norm", "bn_impl", "activation", "dropout", "virtual_batch_size", "norm_groups", "weight_std")
 
 
 _ORIGINAL = object()
@@ -66,8 +68,8 @@ class TrainSettings:
         dataset: a dataset name (``bnlab data list``), e.g. ``fashion-mnist``, ``digits``.
         model: a zoo name, a spec ``.toml`` file, ``path/to/file.py:factory`` or
             ``package.module:factory``.
-        bn, bn_impl, norm, virtual_batch_size, activation, dropout: the network's normalization
-            and layers, as for :func:`bnlab.models.build`.
+        bn, bn_impl, norm, norm_groups, weight_std, virtual_batch_size, activation, dropout: the
+            network's normalization and layers, as for :func:`bnlab.models.build`.
         optimizer, lr, schedule, momentum, weight_decay, batch_size, epochs, seed: the training
             loop, as for :func:`bnlab.train.fit` (``lr`` is the schedule's peak).
         standardize, augment, data_dir, train_limit, test_limit, image_size, channels: the data.
@@ -88,8 +90,12 @@ class TrainSettings:
     bn: str = setting("none", "where BN goes: none, before/after every activation, or the tutorial's own placement",
                       choices=BN_PLACEMENTS)
     bn_impl: str = setting("bnlab", "bnlab's BN layers or torch's", choices=BN_IMPLS)
-    norm: str = setting("batch", "the normalizer at each BN place: batch norm, batch renorm or ghost batch norm",
-                        choices=NORMS)
+    norm: str = setting("batch", "the normalizer at each BN place: batch, renorm (batch renorm), ghost, group, "
+                                 "layer, instance or none", choices=NORMS)
+    norm_groups: int = setting(32, "--norm group: groups per layer (capped at a divisor of its channels)", minimum=1,
+                               added=32)
+    weight_std: bool = setting(False, "weight standardization of every conv (Qiao et al. 2019; with --norm group)",
+                               added=False)
     virtual_batch_size: int = setting(32, "ghost BN's virtual batch size", minimum=2)
     activation: str | None = setting(None, "override the network's activation", choices=tuple(ACTIVATIONS))
     dropout: float | None = setting(None, "override the probability of the network's dropout layers",
@@ -173,6 +179,11 @@ class TrainSettings:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+    def build_options(self) -> dict:
+        """The keyword arguments of :func:`bnlab.models.build` these settings ask for (without the
+        model, the data's shapes and the seed)."""
+        return {k: getattr(self, k) for k in BUILD_SETTINGS}
 
     def identity(self, threads: int | None = None) -> str:
         """Stable 16-hex-digit identity of these settings (where the data lives left out) and,
