@@ -171,3 +171,71 @@ def test_tensorboard_logger_is_a_callback_with_activation_histograms(tmp_path):
     snap = [r for r in tracker.records if r["layer"] == "9:Sigmoid"][-1]
     assert h.min == pytest.approx(snap["q"][0]) and h.max == pytest.approx(snap["q"][-1])
     assert os.listdir(tb.dir)
+
+
+def test_unwritable_figure_and_report_outputs_are_one_line(tmp_path, capsys):
+    """Every -o that cannot be written is one line and exit 2 (not a traceback); reproduce -o is
+    checked before any run starts."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for target in ("/proc/no-such-place/x.png", str(folder)):
+        assert main(["data", "show", "digits", "-o", target]) == 2
+        one_line_error(capsys, target)
+    db = tmp_path / "r.db"
+    assert main(["reproduce", "resnet20", "--quick", "--store", str(db), "-o", "/proc/f.png"]) == 2
+    one_line_error(capsys, "cannot write figure /proc/f.png")
+    assert not db.exists()  # refused before the sweep touched the store
+
+
+def test_compare_names_every_setting_to_fix_at_once(tmp_path, capsys):
+    from bnlab.experiments import run_sweep
+    from bnlab.experiments.config import parse_config
+
+    db = str(tmp_path / "c.db")
+    for lr, epochs in ((0.01, 1), (0.05, 2)):
+        cfg = parse_config({"name": "mix", "dataset": "digits", "seeds": [0, 1],
+                            "fixed": {"model": "keras-mlp", "lr": lr, "epochs": epochs, "batch_size": 256},
+                            "grid": {"bn": ["none", "after"]}})
+        run_sweep(cfg, db, log=lambda m: None)
+    assert main(["compare", "--store", db, "--sweep", "mix", "--by", "bn"]) == 2
+    err = capsys.readouterr().err
+    suggestion = err.split("choose one with --where ")[1].strip()
+    assert set(dict(kv.split("=") for kv in suggestion.split(","))) == {"lr", "epochs"}
+    assert main(["compare", "--store", db, "--sweep", "mix", "--by", "bn", "--where", suggestion, "--json"]) == 0
+    tests = json.loads(capsys.readouterr().out)["tests"]
+    assert tests and "points" in tests[0]["verdict"]  # accuracy differences in points, not fractions
+
+
+def test_train_checks_the_model_before_loading_data_or_printing(capsys, tmp_path):
+    for model, needle in (("deeplizrd-cnn", "did you mean 'deeplizard-cnn'"),
+                          (f"{tmp_path}/nothere.py:make", "does not exist"),
+                          ("fast-cnn --bn tutorial", "has no tutorial BN placement")):
+        assert main(["train", "--model", *model.split(), "--dataset", "digits"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # no settings printed for a run that cannot start
+        assert captured.err.startswith("bnlab: error: ") and captured.err.count("\n") == 1 and needle in captured.err
+
+
+def test_a_data_dir_without_the_dataset_is_an_error(tmp_path, capsys):
+    from tests.conftest import FMNIST_DIR
+
+    if not os.path.isdir(FMNIST_DIR):
+        pytest.skip("Fashion-MNIST is not installed")
+    assert main(["data", "info", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
+    one_line_error(capsys, f"--data-dir {tmp_path} does not hold fashion-mnist", "leave out --data-dir")
+
+
+def test_quick_size_of_a_recipe():
+    cfg = load_config("resnet20")
+    quick = cfg.quick_size()
+    assert quick.name == "resnet20-quick" and quick.size() == cfg.size()
+    assert quick.fixed["epochs"] < cfg.fixed["epochs"] and quick.fixed["train_limit"] < cfg.fixed["train_limit"]
+    assert quick.overrides == cfg.quick
+    from bnlab.experiments.config import parse_config
+
+    plain = parse_config({"name": "p", "dataset": "digits", "fixed": {"model": "keras-mlp"}})
+    with pytest.raises(Exception, match="no --quick size"):
+        plain.quick_size()
+    for name in recipe_names():  # every shipped recipe has a quick size, and it is smaller
+        q = load_config(name).quick_size()
+        assert q.name.endswith("-quick") and q.overrides

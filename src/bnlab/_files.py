@@ -7,12 +7,13 @@ over it only when complete, so a crash or a full disk never leaves half a file b
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from bnlab.errors import ConfigError
+from bnlab.errors import ConfigError, OutputError
 
 
 def current_umask() -> int:
@@ -33,10 +34,19 @@ def current_umask() -> int:
 def atomic_path(path: str | Path, suffix: str = ".tmp"):
     """Yield a temporary path next to ``path``; when the block ends without an exception the
     temporary file gets the mode a plain ``open(path, "w")`` would give (0666 minus the umask,
-    where ``mkstemp`` gives 0600) and replaces ``path``. On an exception it is deleted."""
+    where ``mkstemp`` gives 0600) and replaces ``path``. On an exception it is deleted.
+
+    Missing folders are created. A path that cannot be written (a directory, no permission, a
+    read-only or pseudo file system) raises :class:`~bnlab.errors.OutputError` with one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"{path} is a directory: give a file name, e.g. {path / ('out' + suffix)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is made, as for checkpoints
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise OutputError(e.errno, f"cannot write {path} ({e.strerror or e}): choose a writable location") from None
     os.close(fd)
     try:
         yield Path(tmp)

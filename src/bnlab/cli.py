@@ -150,14 +150,16 @@ def settings_from_args(args):
 
 def cmd_train(args) -> int:
     from bnlab.train import EpochPrinter, load_data, train
-    from bnlab.train.run import describe
+    from bnlab.train.run import check_model, describe
 
     s = settings_from_args(args)
     if args.output:
         from bnlab._files import check_writable
 
         check_writable(args.output, "checkpoint")  # before anything is loaded or printed
+    check_model(s)
     data = load_data(s)
+    check_model(s, data[0].input_shape, data[0].num_classes)
     if not args.json:
         print(describe(s, *data), flush=True)
     res = train(s, datasets=data, callbacks=[] if args.json else [EpochPrinter()],
@@ -410,7 +412,10 @@ def cmd_doctor(args) -> int:
     if args.json:
         _print_json(_finite(rep))
         return status
-    print(format_diagnosis(rep))
+    text = format_diagnosis(rep)
+    if args.fix:  # the advice to run --fix was just followed
+        text = text.replace("; recalibrate with `bnlab doctor CKPT --fix -o OUT`", " (recalibrated: see the last line)")
+    print(text)
     if args.fix:
         f = rep["fix"]
         print(f"recalibrated on {min(len(train), args.limit)} training images: test accuracy "
@@ -491,12 +496,24 @@ def cmd_plot_activations(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from bnlab.experiments import RunStore
+    from bnlab.errors import DataNotFoundError
     from bnlab.experiments.reproduce import reproduce
     from bnlab.report.reproductions import format_comparison, reproduction_figure
 
+    if args.output:
+        from bnlab._files import check_writable
+
+        check_writable(args.output, "figure")  # now, not after the runs
     log = (lambda m: None) if (args.quiet or args.json) else (lambda m: print(m, flush=True))
-    cfg, c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
-                       data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log)
+    try:
+        cfg, c = reproduce(args.name, args.store, epochs=args.epochs, seeds=args.seeds, dataset=args.dataset,
+                           data_dir=args.data_dir, workers=args.workers, executor=args.executor, log=log,
+                           quick=args.quick)
+    except DataNotFoundError as e:
+        if args.dataset is not None or args.data_dir is not None:
+            raise
+        raise DataNotFoundError(f"{e} (or run the recipe on Fashion-MNIST, which is here offline: "
+                                "--dataset fashion-mnist)") from None
     with RunStore(args.store) as store:
         figure = reproduction_figure(store, cfg, args.output or f"{cfg.name}-fig1.png")
     if figure is not None:
@@ -823,6 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="rerun a tutorial's experiment and show it next to the tutorial's claim")
     p.add_argument("name", help=f"the recipe: {', '.join(recipe_names())}")
     add_store(p)
+    p.add_argument("--quick", action="store_true",
+                   help="the recipe's small size (about 3 minutes on 2 cores; a separate sweep <name>-quick)")
     p.add_argument("--epochs", type=int, help="fewer (or more) epochs than the recipe")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the recipe's)")
     p.add_argument("--dataset", help="run the recipe on another dataset (e.g. fashion-mnist when MNIST is absent)")

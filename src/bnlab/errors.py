@@ -36,6 +36,14 @@ class DownloadError(DataError):
     """A file could not be downloaded."""
 
 
+class OutputError(BnlabError, OSError):
+    """An output file cannot be written where it was asked for (an OSError too, so code that
+    rescues work from a failed write still sees one)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 class CheckpointError(BnlabError):
     """A checkpoint file is missing, corrupt or not a bnlab checkpoint."""
 

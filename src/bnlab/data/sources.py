@@ -106,7 +106,8 @@ def find(name: str, data_dir: str | Path | None = None) -> Path:
 
     Args:
         name: a file-based dataset (``fashion-mnist``, ``mnist``, ``cifar10``, ``image-folder``).
-        data_dir: a directory to search first; it must exist when given.
+        data_dir: the directory to read it from; when given it must hold the dataset (another
+            copy elsewhere is not used instead, so nobody believes their files were read).
 
     Returns:
         The directory. For datasets with known files (IDX, CIFAR batches) it holds all of them.
@@ -124,9 +125,14 @@ def find(name: str, data_dir: str | Path | None = None) -> Path:
     searched = search_dirs(name, data_dir)
     if data_dir is not None and not Path(data_dir).expanduser().exists():
         raise DataNotFoundError(f"--data-dir {data_dir} does not exist: {src.missing_hint}")
-    for d in searched:
-        if d.is_dir() and (src.marker is None or src.marker(d)):
-            return d
+    found = next((d for d in searched if d.is_dir() and (src.marker is None or src.marker(d))), None)
+    if data_dir is not None and found is not None and found != searched[0]:
+        # --data-dir was asked for and is not where the data is: using another copy silently
+        # would make the user believe their files were read
+        raise DataNotFoundError(f"--data-dir {data_dir} does not hold {name}; there is a copy in {found}: leave out "
+                                "--data-dir to use it")
+    if found is not None:
+        return found
     if data_dir is not None and src.marker is not None and Path(data_dir).is_dir():
         raise DataNotFoundError(f"{data_dir} does not hold {name}: {src.missing_hint}")
     where = ", ".join(str(d) for d in searched)

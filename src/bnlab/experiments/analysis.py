@@ -34,14 +34,17 @@ def varying(rows_: list[dict], exclude=()) -> dict[str, list]:
     return out
 
 
-def mixture_note(extra: dict[str, list], by) -> str:
-    """One line saying which other settings differ, and how to pick one of them."""
+def mixture_note(extra: dict[str, list], by, rows_: list[dict] | None = None) -> str:
+    """One line saying which other settings differ, and how to pick one experiment: a ``--where``
+    naming every one of them, with the values of the last of ``rows_`` (a combination that
+    exists), or each one's last value without rows."""
     if not extra:
         return ""
     what = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in extra.items())
-    k, v = next(iter(extra.items()))
+    last = rows_[-1] if rows_ else {}
+    pick = ",".join(f"{k}={last.get(k, v[-1]) if rows_ else v[-1]}" for k, v in extra.items())
     return (f"these runs also differ in {what} (besides {', '.join(by) or 'the seed'}): they are different "
-            f"experiments, not seeds of one; choose one with --where {k}={v[-1]}")
+            f"experiments, not seeds of one; choose one with --where {pick}")
 
 
 def _coerce(value: str, example):
@@ -269,9 +272,10 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
             levels.setdefault(r[by], []).append(r[metric])
     if len(levels) < 2:
         raise ConfigError(f"compare needs finished runs at two or more values of {by!r}; found {list(levels) or 'none'}")
-    extra = varying([r for r in rows_ if r["status"] == "done"], exclude=(by,))
+    done = [r for r in rows_ if r["status"] == "done"]
+    extra = varying(done, exclude=(by,))
     if extra:
-        raise ConfigError(f"cannot compare {by}: {mixture_note(extra, [by])}")
+        raise ConfigError(f"cannot compare {by}: {mixture_note(extra, [by], done)}")
     summary = []
     for level, vals in levels.items():
         n = len(vals)
@@ -312,8 +316,8 @@ def metric_name(metric: str) -> str:
 
 def verdict(by, a, b, diff, p, metric, na, nb) -> str:
     what = f"{by}={a} vs {by}={b}"
+    amount = f"{abs(diff) * 100:.2f} points" if metric.endswith(("acc", "error")) else f"{abs(diff):.4g}"
     metric = metric_name(metric)
-    amount = f"{abs(diff) * 100:.2f} points" if metric.endswith("acc") else f"{abs(diff):.4g}"
     better = "higher" if diff > 0 else "lower"
     if math.isnan(p):
         return (f"{what}: {metric} {better} by {amount}, but with {min(na, nb)} seed(s) per side "

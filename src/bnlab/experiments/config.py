@@ -39,7 +39,7 @@ from bnlab._toml import read_toml
 from bnlab.errors import ConfigError, suggest
 from bnlab.train.settings import NOT_IDENTITY, TrainSettings, identity_hash  # noqa: F401 (re-exported)
 
-CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description"}
+CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description", "quick"}
 # a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)
 MAX_RUNS = 10_000
 
@@ -93,6 +93,8 @@ class SweepConfig:
         description: one line for listings.
         source: where the config came from (a file path), for messages.
         overrides: the values :meth:`override` fixed, kept so the store records what ran.
+        quick: the overrides of the recipe's ``--quick`` size (a ``[quick]`` table: fewer
+            epochs, examples or seeds, so it runs in about 3 minutes); see :meth:`quick_size`.
 
     Example::
 
@@ -112,6 +114,8 @@ class SweepConfig:
     source: str = ""
 
     overrides: dict = field(default_factory=dict)
+    quick: dict = field(default_factory=dict)
+    claim_dataset: str = ""  # the dataset the claim was made on, when the sweep runs on another (not stored)
 
     def grid_keys(self) -> list[str]:
         """The gridded settings, in the config's order."""
@@ -124,6 +128,23 @@ class SweepConfig:
         if self.overrides:
             d["overrides"] = self.overrides
         return d
+
+    def quick_size(self) -> "SweepConfig":
+        """This sweep at its ``--quick`` size: its ``[quick]`` overrides applied and ``-quick``
+        added to the name (so the quick runs never pool with the full ones).
+
+        Raises:
+            ConfigError: the config has no ``[quick]`` table.
+        """
+        if not self.quick:
+            raise ConfigError(f"{self.name} has no --quick size (no [quick] table): use --epochs/--seeds to shrink it")
+        # a list for a gridded setting is a smaller grid; anything else fixes the setting
+        regrid = {k: v for k, v in self.quick.items() if k in self.grid and isinstance(v, list)}
+        out = self.override({k: v for k, v in self.quick.items() if k not in regrid})
+        out = dataclasses.replace(out, name=f"{self.name}-quick", quick={}, grid={**out.grid, **regrid},
+                                  overrides={**out.overrides, **regrid})
+        out.check()
+        return out
 
     def override(self, values: dict) -> "SweepConfig":
         """This sweep with ``values`` fixed (``--set``): a gridded setting becomes fixed, ``seeds``
@@ -318,8 +339,14 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
     both = set(fixed) & set(grid)
     if both:
         raise ConfigError(f"{source}: {', '.join(sorted(both))} both fixed and gridded")
-    cfg = SweepConfig(d["name"], d["dataset"], seeds, fixed, grid, d.get("claim", {}), d.get("description", ""), source)
+    quick = d.get("quick", {})
+    if not isinstance(quick, dict):
+        raise ConfigError(f"{source}: [quick] must be a table of settings")
+    cfg = SweepConfig(d["name"], d["dataset"], seeds, fixed, grid, d.get("claim", {}), d.get("description", ""), source,
+                      quick=quick)
     cfg.check()  # every value and model now, before anything runs (run_sweep checks every run)
+    if quick:
+        cfg.quick_size().check()
     return cfg
 
 

@@ -31,7 +31,7 @@ def adapt(cfg: SweepConfig, epochs: int | None = None, seeds: int | None = None,
         ds = dataset
         name += f"-{dataset}"
     out = SweepConfig(name, ds, seed_list, fixed, dict(cfg.grid), dict(cfg.claim), cfg.description, cfg.source,
-                      dict(cfg.overrides))
+                      dict(cfg.overrides), claim_dataset=cfg.claim_dataset or cfg.dataset)
     out.runs()
     return out
 
@@ -83,7 +83,8 @@ def comparison(store: RunStore, cfg: SweepConfig) -> dict:
             "final_test_acc": statistics.fmean([r["test_acc"] for r in finals if r["test_acc"] is not None]) if finals else None,
             "diverged": sum(r["status"] == "diverged" for r in finals),
         })
-    out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""), "by": by, "metric": metric,
+    out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),
+           "claim_dataset": claim.get("dataset") or cfg.claim_dataset or cfg.dataset, "by": by, "metric": metric,
            "epoch": epoch, "levels": levels, "tests": []}
     for m in dict.fromkeys([metric, "test_acc"]):
         try:
@@ -122,10 +123,12 @@ def fig1_data(store: RunStore, cfg: SweepConfig) -> dict | None:
 
 
 def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=None, data_dir=None, workers=1,
-              executor="local", log=print) -> tuple[SweepConfig, dict]:
+              executor="local", log=print, quick: bool = False) -> tuple[SweepConfig, dict]:
     """Run a recipe (resuming what the store has) and return its config and :func:`comparison`.
-    Figures are drawn by :mod:`bnlab.report.reproductions`."""
-    cfg = adapt(load_recipe(name), epochs, seeds, dataset)
+    ``quick``: the recipe's ``--quick`` size (:meth:`SweepConfig.quick_size`). Figures are drawn
+    by :mod:`bnlab.report.reproductions`."""
+    cfg = load_recipe(name)
+    cfg = adapt(cfg.quick_size() if quick else cfg, epochs, seeds, dataset)
     overrides = {"data_dir": data_dir} if data_dir else None
     run_sweep(cfg, store_path, workers=workers, executor=executor, overrides=overrides, log=log)
     with RunStore(store_path) as store:

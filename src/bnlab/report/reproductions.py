@@ -14,13 +14,22 @@ def format_comparison(c: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{v * 100:.2f}%"
 
-    metric = c["metric"] + (f" @ epoch {c['epoch']}" if c["epoch"] else " (final)")
-    lines = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}", "",
+    reached = {lv["at_epoch"] for lv in c["levels"] if lv["at_epoch"]}
+    at = f" @ epoch {c['epoch']}" if c["epoch"] and c["epoch"] in reached else " (final)"
+    metric = c["metric"] + at
+    notes = []
+    if c["epoch"] and reached and c["epoch"] not in reached:
+        notes.append(f"note: the claim is at epoch {c['epoch']}; these runs stopped at epoch "
+                     f"{', '.join(map(str, sorted(reached)))}, so the measured values are final ones")
+    if c.get("claim_dataset") and c["claim_dataset"] != c["dataset"]:
+        notes.append(f"note: the claim is for {c['claim_dataset']}; these runs are on {c['dataset']}, so the claimed "
+                     "numbers are not expected here (the shape of the result is what compares)")
+    lines = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}", *notes, "",
              f"{c['by']:<10} {'claimed':>9} {'measured ' + metric:>30} {'n':>3} {'final train':>12} {'final test':>11}"]
     for lv in c["levels"]:
         m = lv["measured_mean"]
         meas = "-" if m is None else f"{pct(m)}" + (f" ± {lv['measured_ci95'] * 100:.2f}" if lv["measured_ci95"] else "")
-        if lv["at_epoch"] and c["epoch"] and lv["at_epoch"] != c["epoch"]:
+        if lv["at_epoch"] and c["epoch"] in reached and lv["at_epoch"] != c["epoch"]:
             meas += f" (epoch {lv['at_epoch']})"
         lines.append(f"{str(lv[c['by']]):<10} {pct(lv['claimed']):>9} {meas:>30} {lv['n']:>3} "
                      f"{pct(lv['final_train_acc']):>12} {pct(lv['final_test_acc']):>11}")

@@ -101,6 +101,21 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
     return models.build(spec, **build, seed=s.seed), spec, build
 
 
+def check_model(s: TrainSettings, input_shape=None, num_classes: int | None = None) -> None:
+    """Fail now, with one line, if the settings' network cannot be built: an unknown name, a
+    missing or broken Python factory (without shapes: checked before any data is loaded), or
+    with ``input_shape`` and ``num_classes`` a network that does not fit the data or a BN
+    placement it does not have (built on the ``meta`` device: no memory, no weights)."""
+    import torch
+
+    spec = models.resolve_spec(s.model)
+    if models.is_python_spec(spec):
+        models.load_factory(spec)
+    if input_shape is not None:
+        with torch.device("meta"):
+            models.build(spec, input_shape=input_shape, num_classes=num_classes, **s.build_options())
+
+
 def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None,
           checkpoint: str | Path | None = None, datasets=None, tensorboard: str | Path | None = None,
           name: str = "train", run_id: str | None = None) -> RunResult:
