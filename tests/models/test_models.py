@@ -156,3 +156,16 @@ def test_summary_matches_parameters():
     assert s["layers"][-1]["output_shape"] == [10]
     assert s["layers"][0]["output_shape"] == [32, 26, 26]
     assert "Conv2d(1->32, 3x3)" in models.format_summary(s)
+
+
+@pytest.mark.parametrize("bad", [{"type": "dropout", "p": "x"}, {"type": "conv", "out": 4, "kernel": 3, "stride": "2"},
+                                 {"type": "pool", "size": "2"}, {"type": "conv", "out": 4, "kernel": 3, "padding": -1},
+                                 {"type": "conv", "out": 4, "kernel": 3, "bias": "yes"}])
+def test_spec_values_of_the_wrong_type_are_config_errors(bad):
+    from bnlab.errors import ConfigError
+    from bnlab.models import build
+
+    spec = {"name": "t", "layers": [{"type": "conv", "out": 2, "kernel": 3}, bad, {"type": "flatten"},
+                                    {"type": "dense", "out": "classes"}]}
+    with pytest.raises(ConfigError, match="t: layer 2: "):
+        build(spec, input_shape=(1, 12, 12), num_classes=3)

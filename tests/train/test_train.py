@@ -256,3 +256,34 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     assert code == 0 and "train 60000, test 10000" in out and "bn=tutorial vs bn=none" in out
     for name in ("fashion-mnist-grid.png", "curves.png", "report.html", "bnlab.db"):
         assert (tmp_path / name).is_file()
+
+
+def test_early_stopping_watches_accuracy_upwards():
+    from types import SimpleNamespace
+
+    from bnlab.train.callbacks import EarlyStopping
+
+    def run(cb, values, key):
+        state = SimpleNamespace(history=SimpleNamespace(epochs=[]), stop=False, stop_reason=None)
+        for i, v in enumerate(values, 1):
+            state.history.epochs.append({key: v})
+            cb.on_epoch_end(state)
+            if state.stop:
+                return i
+        return None
+
+    assert run(EarlyStopping(patience=2, metric="test_acc"), [0.5, 0.6, 0.7, 0.8], "test_acc") is None  # improving
+    assert run(EarlyStopping(patience=2, metric="test_acc"), [0.8, 0.7, 0.6, 0.9], "test_acc") == 3
+    assert run(EarlyStopping(patience=2), [1.0, 0.9, 0.95, 0.97], "test_loss") == 4
+    assert run(EarlyStopping(patience=1, metric="test_loss", mode="max"), [1.0, 0.5], "test_loss") == 2
+
+
+def test_zoo_specs_are_copies_and_tracker_arguments_are_checked():
+    from bnlab.errors import ConfigError
+    from bnlab.models.zoo import get_spec
+    from bnlab.train.activations import ActivationTracker
+
+    get_spec("keras-mlp")["layers"].clear()
+    assert get_spec("keras-mlp")["layers"]  # the zoo itself is unchanged
+    with pytest.raises(ConfigError, match="every"):
+        ActivationTracker(every=0)

@@ -60,7 +60,8 @@ def validate_spec(spec: dict) -> dict:
     """Check a layer spec's structure; returns a deep copy with defaults filled in.
 
     Checks the top-level keys, the activation, and each layer's type, keys, ``out`` (a positive
-    integer or ``"classes"``), conv ``kernel``, dropout ``p``, pool ``kind`` and activation ``fn``, and
+    integer or ``"classes"``), conv ``kernel``, ``stride``, ``padding``, ``bias``, dropout ``p``, pool
+    ``kind`` and ``size`` and activation ``fn``, and
     that the last layer is ``dense``. Sizes that depend on the input (does a conv fit?) and the
     ``tutorial_bn`` layers are checked when the network is built.
 
@@ -107,8 +108,15 @@ def validate_spec(spec: dict) -> dict:
                 raise ConfigError(f"{_where(spec, i)}: {kind} 'out' must be a positive integer or \"classes\", got {out!r}")
         if kind == "conv" and not (isinstance(layer.get("kernel"), int) and layer["kernel"] > 0):
             raise ConfigError(f"{_where(spec, i)}: conv needs a positive integer 'kernel'")
-        if kind == "dropout" and not (0 <= float(layer.get("p", 0.5)) < 1):
-            raise ConfigError(f"{_where(spec, i)}: dropout p must be in [0, 1)")
+        p = layer.get("p", 0.5)
+        if kind == "dropout" and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1):
+            raise ConfigError(f"{_where(spec, i)}: dropout p must be a number in [0, 1), got {p!r}")
+        for key, minimum in (("stride", 1), ("padding", 0), ("size", 1)):
+            value = layer.get(key)
+            if key in layer and not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+                raise ConfigError(f"{_where(spec, i)}: {kind} '{key}' must be a whole number >= {minimum}, got {value!r}")
+        if "bias" in layer and not isinstance(layer["bias"], bool):
+            raise ConfigError(f"{_where(spec, i)}: {kind} 'bias' must be true or false, got {layer['bias']!r}")
         if kind == "activation" and layer.get("fn") not in ACTIVATIONS:
             raise ConfigError(f"{_where(spec, i)}: unknown activation {layer.get('fn')!r}")
         if kind == "pool" and layer.get("kind", "max") not in ("max", "avg"):

@@ -6,6 +6,8 @@ has one) its own BN placement, used with ``bn="tutorial"``.
 
 from __future__ import annotations
 
+import copy
+
 from bnlab.errors import ConfigError, suggest
 
 
@@ -121,7 +123,7 @@ def get_spec(name: str) -> dict:
         name: a key of :data:`ZOO`, e.g. ``"deeplizard-cnn"`` (``bnlab models list``).
 
     Returns:
-        The zoo's own spec dict, not a copy: copy it before changing it. A Python network's
+        A deep copy of the zoo's spec dict (changing it leaves the zoo as it was). A Python network's
         entry (``resnet20``) has a ``python`` key (``"module:factory"``) instead of ``layers``.
 
     Raises:
@@ -135,4 +137,4 @@ def get_spec(name: str) -> dict:
     if name not in ZOO:
         raise ConfigError(f"unknown model {name!r}{suggest(name, ZOO)} (the zoo: {', '.join(ZOO)}; or a spec .toml "
                           "file, or your own network as path/to/file.py:factory or package.module:factory)")
-    return ZOO[name]
+    return copy.deepcopy(ZOO[name])

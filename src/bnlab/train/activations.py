@@ -119,8 +119,10 @@ class ActivationTracker(Callback):
 
     def __init__(self, model: nn.Module | None = None, *, layers=None, every: int = 100, percentiles=(15, 50, 85),
                  max_examples: int | None = 64, eval_data=None, eval_size: int = 2000):
-        if every < 1:
-            raise ValueError("every must be at least 1")
+        if not isinstance(every, int) or every < 1:
+            from bnlab.errors import ConfigError
+
+            raise ConfigError(f"ActivationTracker(every={every!r}): a snapshot every K steps needs a whole K >= 1")
         self.every, self.percentiles, self.layer_names = every, tuple(percentiles), layers
         self.max_examples = max_examples
         self.eval_data, self.eval_size = eval_data, eval_size

@@ -47,28 +47,36 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when the test loss has not improved by ``min_delta`` for ``patience`` epochs.
+    """Stop when the watched metric has not improved by ``min_delta`` for ``patience`` epochs.
 
     Args:
         patience: epochs in a row without improvement before training stops.
         min_delta: how much lower than the best value so far a value must be to count as an
             improvement.
-        metric: the epoch record's key to watch; lower must be better (a loss). Epochs without
-            it (no test data) are ignored.
+        metric: the epoch record's key to watch (default the test loss). Accuracies (``*_acc``)
+            improve upwards, everything else (losses) downwards; ``mode`` overrides. Epochs
+            without it (no test data) are ignored.
+        mode: ``min``, ``max`` or None (from the metric's name).
 
     Example::
 
         fit(net, train, test, epochs=50, callbacks=[EarlyStopping(patience=3)])
     """
 
-    def __init__(self, patience: int = 3, min_delta: float = 0.0, metric: str = "test_loss"):
+    def __init__(self, patience: int = 3, min_delta: float = 0.0, metric: str = "test_loss", mode: str | None = None):
+        if mode not in (None, "min", "max"):
+            from bnlab.errors import ConfigError
+
+            raise ConfigError(f"EarlyStopping(mode={mode!r}): use 'min', 'max' or None")
         self.patience, self.min_delta, self.metric = patience, min_delta, metric
+        self.sign = -1.0 if (mode or ("max" if metric.endswith("acc") else "min")) == "max" else 1.0
         self.best, self.bad = math.inf, 0
 
     def on_epoch_end(self, state) -> None:
         value = state.history.epochs[-1].get(self.metric)
         if value is None:
             return
+        value = self.sign * value  # compared as a loss: lower is better
         if value < self.best - self.min_delta:
             self.best, self.bad = value, 0
             return
