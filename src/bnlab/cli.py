@@ -515,7 +515,8 @@ def cmd_reproduce(args) -> int:
         raise DataNotFoundError(f"{e} (or run the recipe on Fashion-MNIST, which is here offline: "
                                 "--dataset fashion-mnist)") from None
     with RunStore(args.store) as store:
-        figure = reproduction_figure(store, cfg, args.output or f"{cfg.name}-fig1.png")
+        default = f"{cfg.name}-{'fig1' if cfg.fixed.get('track_activations') else cfg.claim.get('axis', 'fig')}.png"
+        figure = reproduction_figure(store, cfg, args.output or default)
     if figure is not None:
         c["figure"] = str(figure)
     if args.json:
@@ -849,7 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="where runs execute")
     p.add_argument("-o", "--output", "--figure", dest="output", metavar="PNG",
-                   help="ioffe: where to write the Fig. 1 trio (default <sweep>-fig1.png)")
+                   help="where to write the recipe's figure (ioffe: the Fig. 1 trio, <sweep>-fig1.png; a sweep over "
+                        "a numeric setting: the metric against it, <sweep>-<setting>.png)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     _add_json(p)
     p.set_defaults(func=cmd_reproduce)

@@ -122,6 +122,73 @@ def fig1_data(store: RunStore, cfg: SweepConfig) -> dict | None:
             "with": examples[[lv for lv in levels if lv != "none"][0]], "seeds": len(flat) // len(levels)}
 
 
+def _metric_value(r: dict, metric: str) -> float | None:
+    """A run's final value of ``metric``; ``test_error`` is ``1 - test_acc``."""
+    v = 1.0 - r["test_acc"] if metric == "test_error" and r.get("test_acc") is not None else r.get(metric)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def axis_comparison(store: RunStore, cfg: SweepConfig) -> dict:
+    """A claim about a numeric grid axis (``[claim] axis = "lr"``): the metric at every value of
+    the axis for each level of ``by``, with 95% CIs over seeds and the diverged runs counted.
+
+    With ``usable = f`` in the claim, a value of the axis is *usable* for a level when its mean
+    is at least ``f`` times the best mean of the whole sweep and no run there diverged; the
+    usable range of each level is reported (lowest to highest usable value, in decades) and the
+    verdict says whether the level the claim names as ``wider`` has the widest range.
+    """
+    claim = cfg.claim or {}
+    axis, by, metric = claim["axis"], claim.get("by", "bn"), claim.get("metric", "test_acc")
+    flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
+    series = {}
+    for level in cfg.grid.get(by, [cfg.fixed.get(by)]):
+        pts = []
+        for x in sorted(cfg.grid.get(axis, [cfg.fixed.get(axis)])):
+            runs = [r for r in flat if r.get(by) == level and r.get(axis) == x]
+            vals = [v for r in runs if r["status"] == "done" and (v := _metric_value(r, metric)) is not None]
+            n = len(vals)
+            std = statistics.stdev(vals) if n > 1 else None
+            pts.append({axis: x, "runs": len(runs), "n": n, "diverged": sum(r["status"] == "diverged" for r in runs),
+                        "mean": statistics.fmean(vals) if vals else None, "std": std,
+                        "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None})
+        series[str(level)] = pts
+    out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),
+           "claim_dataset": claim.get("dataset") or cfg.claim_dataset or cfg.dataset, "by": by, "axis": axis,
+           "metric": metric, "series": series, "tests": []}
+    usable = claim.get("usable")
+    means = [p["mean"] for pts in series.values() for p in pts if p["mean"] is not None]
+    if usable and means:
+        threshold = usable * max(means)
+        ranges = {}
+        for level, pts in series.items():
+            ok = [p[axis] for p in pts if p["mean"] is not None and p["mean"] >= threshold and not p["diverged"]]
+            ranges[level] = ({"low": min(ok), "high": max(ok), "values": len(ok),
+                              "decades": math.log10(max(ok) / min(ok)) if min(ok) > 0 else None} if ok else None)
+        out["threshold"], out["ranges"] = threshold, ranges
+        out["verdict"] = _range_verdict(claim, axis, ranges, usable)
+    return out
+
+
+def _range_verdict(claim: dict, axis: str, ranges: dict, usable: float) -> str:
+    def width(level):
+        r = ranges.get(level)
+        return -1.0 if r is None else (r["decades"] or 0.0)
+
+    wider = str(claim.get("wider", ""))
+    words = "; ".join(f"{claim.get('by', 'bn')}={lv}: " + (f"{r['low']:g} to {r['high']:g} ({r['decades']:.2f} decades)"
+                                                           if r else "none")
+                      for lv, r in ranges.items())
+    head = f"usable {axis} (mean within {usable:.0%} of the best, no run diverged): {words}"
+    if wider not in ranges:
+        return head
+    others = [lv for lv in ranges if lv != wider]
+    if all(width(wider) > width(o) for o in others):
+        return f"{head}. Reproduces: the range is wider with {claim.get('by', 'bn')}={wider}."
+    if all(width(wider) >= width(o) for o in others):
+        return f"{head}. Does not reproduce at this scale: the ranges are equally wide."
+    return f"{head}. Does not reproduce: the range is narrower with {claim.get('by', 'bn')}={wider}."
+
+
 def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=None, data_dir=None, workers=1,
               executor="local", log=print, quick: bool = False) -> tuple[SweepConfig, dict]:
     """Run a recipe (resuming what the store has) and return its config and :func:`comparison`.
@@ -132,4 +199,4 @@ def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=No
     overrides = {"data_dir": data_dir} if data_dir else None
     run_sweep(cfg, store_path, workers=workers, executor=executor, overrides=overrides, log=log)
     with RunStore(store_path) as store:
-        return cfg, comparison(store, cfg)
+        return cfg, (axis_comparison(store, cfg) if (cfg.claim or {}).get("axis") else comparison(store, cfg))

@@ -216,3 +216,48 @@ def ioffe_fig1(acc_series: dict, without_bn: list[dict], with_bn: list[dict], pa
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def metric_vs_axis(series: dict, axis: str, metric: str, path: str | Path, *, by: str = "bn", title: str = "",
+                   threshold: float | None = None) -> Path:
+    """A metric against a numeric setting (learning rate, batch size): one line per level of
+    ``by`` with its 95% CI as error bars, a log axis when the values span more than a decade,
+    and the settings where runs diverged marked with an ``x`` on the axis (and counted).
+
+    ``series`` maps a level to points ``{axis, "mean", "ci95", "diverged", "runs"}`` as
+    :func:`bnlab.experiments.reproduce.axis_comparison` gives them.
+    """
+    fig, axes = _figure(figsize=(7.4, 4.2))
+    ax = axes[0][0]
+    marked = False
+    for i, (level, pts) in enumerate(series.items()):
+        color = f"C{i}"
+        ok = [p for p in pts if p["mean"] is not None]
+        ax.errorbar([p[axis] for p in ok], [p["mean"] for p in ok], yerr=[p["ci95"] or 0 for p in ok], marker="o",
+                    ms=4, capsize=3, color=color, label=f"{by}={level}")
+        div = [p for p in pts if p["diverged"]]
+        if div:
+            ax.scatter([p[axis] for p in div], [0.03 + 0.05 * i] * len(div), marker="x", s=60, color=color, clip_on=False,
+                       transform=ax.get_xaxis_transform(), zorder=5,
+                       label=f"{by}={level}: diverged (" + ", ".join(f"{p['diverged']}/{p['runs']}" for p in div) + ")")
+            marked = True
+    xs = sorted({p[axis] for pts in series.values() for p in pts if p[axis] is not None})
+    if xs and xs[0] > 0 and xs[-1] / xs[0] > 10:
+        ax.set_xscale("log")
+        ax.set_xlim(xs[0] / 1.6, xs[-1] * 1.6)  # every setting on the axis, diverged ones too
+    elif xs:
+        pad = (xs[-1] - xs[0]) * 0.05 or 1.0
+        ax.set_xlim(xs[0] - pad, xs[-1] + pad)
+    if metric.endswith(("acc", "error")):
+        ax.set_ylim(0.0, 1.0)  # CIs of few seeds can reach past what an accuracy can be
+    if threshold is not None:
+        ax.axhline(threshold, color="0.5", lw=0.8, ls="--", label=f"usable: {threshold * 100:.1f}%"
+                   if metric.endswith("acc") else f"usable: {threshold:.3g}")
+    ax.set_xlabel(axis.replace("_", " ") + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(metric_name(metric))
+    ax.grid(alpha=0.3)
+    _outside_legend(ax)
+    if title:
+        ax.set_title(title + ("; x = diverged" if marked else ""), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

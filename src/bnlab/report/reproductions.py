@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnlab.experiments import RunStore
+from bnlab.experiments.analysis import metric_name
 from bnlab.experiments.config import SweepConfig
 from bnlab.experiments.reproduce import fig1_data
 
 
 def format_comparison(c: dict) -> str:
     """The claim, a table of claimed vs measured values per level, and the verdicts."""
+    if "series" in c:
+        return format_axis_comparison(c)
     def pct(v):
         return "-" if v is None else f"{v * 100:.2f}%"
 
@@ -40,10 +43,43 @@ def format_comparison(c: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduction_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | None:
-    """The recipe's own figure, if it has one (ioffe: Fig. 1 of the BN paper); else ``None``."""
-    from bnlab.report.plots import ioffe_fig1
+def format_axis_comparison(c: dict) -> str:
+    """An :func:`~bnlab.experiments.reproduce.axis_comparison` as text: one row per value of the
+    axis, one column per level (mean ± 95% CI, diverged runs counted), then the verdict."""
+    pct = c["metric"].endswith(("acc", "error"))
 
+    def cell(p):
+        if p["mean"] is None:
+            return f"diverged ({p['diverged']}/{p['runs']})" if p["diverged"] else "-"
+        text = f"{p['mean'] * 100:.2f}%" if pct else f"{p['mean']:.4g}"
+        if p["ci95"]:
+            text += f" ± {p['ci95'] * 100:.2f}" if pct else f" ± {p['ci95']:.2g}"
+        return text + (f" ({p['diverged']} div.)" if p["diverged"] else "")
+
+    levels = list(c["series"])
+    head = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}", "",
+            f"{c['axis']:>10} " + " ".join(f"{c['by'] + '=' + lv:>24}" for lv in levels)]
+    xs = [p[c["axis"]] for p in c["series"][levels[0]]]
+    rows = [f"{x:>10g} " + " ".join(f"{cell(c['series'][lv][i]):>24}" for lv in levels) for i, x in enumerate(xs)]
+    tail = [f"({metric_name(c['metric'])} of the final epoch; ± is the 95% confidence half-width over seeds)"]
+    if c.get("figure"):
+        tail.append(f"figure written to {c['figure']}")
+    if c.get("verdict"):
+        tail += ["", c["verdict"]]
+    return "\n".join(head + rows + tail)
+
+
+def reproduction_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | None:
+    """The recipe's own figure, if it has one: the BN paper's Fig. 1 (ioffe), or the metric
+    against a numeric grid axis (a claim with ``axis``); else ``None``."""
+    from bnlab.report.plots import ioffe_fig1, metric_vs_axis
+
+    if (cfg.claim or {}).get("axis"):
+        from bnlab.experiments.reproduce import axis_comparison
+
+        c = axis_comparison(store, cfg)
+        return metric_vs_axis(c["series"], c["axis"], c["metric"], path, by=c["by"], threshold=c.get("threshold"),
+                              title=f"{cfg.name} on {cfg.dataset}: mean of {len(cfg.seeds)} seed(s), 95% CI")
     if not cfg.fixed.get("track_activations"):
         return None
     data = fig1_data(store, cfg)
