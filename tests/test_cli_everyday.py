@@ -237,5 +237,11 @@ def test_quick_size_of_a_recipe():
     with pytest.raises(Exception, match="no --quick size"):
         plain.quick_size()
     for name in recipe_names():  # every shipped recipe has a quick size, and it is smaller
-        q = load_config(name).quick_size()
+        full = load_config(name)
+        q = full.quick_size()
         assert q.name.endswith("-quick") and q.overrides
+
+        def work(c):  # runs x epochs x training examples (60,000 when not limited)
+            return c.size() * c.fixed.get("epochs", 1) * c.fixed.get("train_limit", 60000)
+
+        assert work(q) < work(full), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import warnings
 
@@ -370,7 +371,7 @@ def cmd_report(args) -> int:
 def _checkpoint_data(ck, args, splits=("train", "test")):
     """The splits of the checkpoint's dataset (or --dataset), standardized as in training."""
     from bnlab.data import load
-    from bnlab.errors import ConfigError
+    from bnlab.errors import ConfigError, DataNotFoundError
 
     st = ck.settings
     name = args.dataset or st.get("dataset")
@@ -378,7 +379,14 @@ def _checkpoint_data(ck, args, splits=("train", "test")):
     opts = {k: st[k] for k in ("image_size", "channels") if st.get(k) is not None}
     out = []
     for split in splits:
-        ds = load(name, split, data_dir, standardize=ck.standardizer, **opts)
+        try:
+            ds = load(name, split, data_dir, standardize=ck.standardizer, **opts)
+        except DataNotFoundError:
+            if args.data_dir is not None or data_dir is None:
+                raise
+            # the folder the checkpoint was trained from no longer holds the data: look where bnlab looks
+            data_dir = None
+            ds = load(name, split, None, standardize=ck.standardizer, **opts)
         if tuple(ds.input_shape) != ck.input_shape or ds.num_classes != len(ck.classes):
             raise ConfigError(f"{name} has inputs {ds.input_shape} and {ds.num_classes} classes, but the checkpoint "
                               f"expects {ck.input_shape} and {len(ck.classes)}: use the dataset it was trained on")
@@ -412,10 +420,7 @@ def cmd_doctor(args) -> int:
     if args.json:
         _print_json(_finite(rep))
         return status
-    text = format_diagnosis(rep)
-    if args.fix:  # the advice to run --fix was just followed
-        text = text.replace("; recalibrate with `bnlab doctor CKPT --fix -o OUT`", " (recalibrated: see the last line)")
-    print(text)
+    print(format_diagnosis(rep, fixed=args.fix))  # with --fix, no advice to run --fix
     if args.fix:
         f = rep["fix"]
         print(f"recalibrated on {min(len(train), args.limit)} training images: test accuracy "
@@ -894,6 +899,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)
         return 130
+    except sqlite3.Error as e:  # the run store failed under us (disk, another program): finished runs are kept
+        print(f"bnlab: error: the run store failed ({e}): the runs finished so far are kept; check the disk and "
+              "run the same command again to resume", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # the reader went away (`bnlab results | head`): stop quietly, as Unix tools do; stdout is
         # pointed at /dev/null so the interpreter's final flush does not fail again

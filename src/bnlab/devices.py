@@ -41,7 +41,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """The device to use: ``auto`` (or None) picks CUDA, then MPS, then the CPU.
 
     Args:
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a :class:`torch.device`.
+        device: ``auto``, ``cpu``, ``cuda``, ``mps``, or from Python ``cuda:N`` or a
+            :class:`torch.device`.
 
     Returns:
         a :class:`torch.device`.
@@ -62,7 +63,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)} (or cuda:N)") from None
+        raise ConfigError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}") from None
     if dev.type not in DEVICES:
         raise ConfigError(f"device {device!r} is not supported by bnlab: choose one of {', '.join(DEVICES)}")
     if not available(dev.type):

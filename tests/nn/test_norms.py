@@ -132,7 +132,8 @@ def test_swap_norm_on_any_model(norm):
     if norm == "none":
         assert isinstance(net.bn, nn.Identity) and net.conv.bias is not None  # a shift where BN had one
     elif norm in ("group", "layer", "instance"):
-        assert is_per_example_norm(net.bn) and net.bn.num_channels if norm != "instance" else True
+        assert is_per_example_norm(net.bn) and is_per_example_norm(net.bn2)
+        assert (net.bn.num_groups if norm != "instance" else 8) == {"group": 4, "layer": 1, "instance": 8}[norm]
     out = net(torch.randn(4, 1, 8, 8))
     assert out.shape == (4, 3) and torch.isfinite(out).all()
 
@@ -202,3 +203,31 @@ def test_doctor_names_per_example_norms_instead_of_checking_statistics():
     rep = diagnose(net, train.subset(200), test.subset(100), batch_size=32)
     assert rep["bn_layers"] == 0 and rep["problems"] == 0
     assert rep["other_norms"] and all(r["type"] == "GroupNorm" for r in rep["other_norms"])
+
+
+def test_norm_none_on_a_layer_spec_gives_the_convs_a_bias():
+    net = models.build("vgg-bn", bn="tutorial", norm="none", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    assert not any(is_batchnorm(m) for m in net.modules())
+    assert all(m.bias is not None for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_a_depthwise_1x1_conv_is_not_weight_standardized():
+    net = standardize_weights(nn.Sequential(nn.Conv2d(4, 4, 1, groups=4), nn.Conv2d(4, 4, 3)))
+    assert type(net[0]) is nn.Conv2d and isinstance(net[1], WSConv2d)
+    assert torch.isfinite(net(torch.randn(1, 4, 5, 5))).all()
+
+
+def test_a_folded_group_norm_ws_checkpoint_reloads_as_saved(tmp_path):
+    from bnlab.data import load_splits
+    from bnlab.train import TrainSettings, fold_checkpoint, load_checkpoint, train
+
+    ck = tmp_path / "gn.pt"
+    res = train(TrainSettings(dataset="digits", model="fast-cnn", bn="after", norm="group", norm_groups=4,
+                              weight_std=True, epochs=1, batch_size=256), progress=False, checkpoint=ck)
+    folded_path = tmp_path / "gn-folded.pt"
+    fold_checkpoint(load_checkpoint(ck), folded_path)
+    again = load_checkpoint(folded_path)
+    assert again.build.get("folded") and not any(isinstance(m, WSConv2d) for m in again.model.modules())
+    x = next(load_splits("digits")[1].batches(64))[0]
+    with torch.no_grad():
+        assert torch.allclose(again.model(x), res.model(x), atol=1e-5)

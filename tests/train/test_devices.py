@@ -146,3 +146,25 @@ def test_device_options_default_sensibly():
     assert parser.parse_args(["evaluate", "m.pt"]).device == "cpu"  # checkpoints load on the CPU unless asked
     for d in DEVICES:
         assert parser.parse_args(["train", "--device", d]).device == d
+
+
+def test_a_sweep_stores_the_device_its_runs_used(tmp_path):
+    """Stored settings name the device that ran (not "auto"): rows of runs stored before the
+    setting existed read as that device, and the stored settings hash to the run's id."""
+    from bnlab.experiments import RunStore, run_sweep
+    from bnlab.experiments.analysis import rows
+    from bnlab.experiments.config import parse_config
+
+    cfg = parse_config({"name": "dev", "dataset": "digits", "seeds": [0],
+                        "fixed": {"model": "keras-mlp", "bn": "after", "epochs": 1, "batch_size": 256}})
+    db = str(tmp_path / "d.db")
+    run_sweep(cfg, db, threads=1, log=lambda m: None)
+    with RunStore(db) as st:
+        (run,) = st.runs("dev")
+    stored = dict(run["settings"])
+    assert stored["device"] == resolve_device("auto").type
+    threads = stored.pop("threads")
+    assert identity_hash({**stored, "threads": threads}) == run["run_id"]
+    old = {k: v for k, v in run["settings"].items() if k != "device"}  # as an older bnlab stored it
+    (new_row,), (old_row,) = rows([run]), rows([{**run, "settings": old}])
+    assert new_row["device"] == old_row["device"] == "cpu" or HAS_CUDA or HAS_MPS

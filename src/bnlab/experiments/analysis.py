@@ -98,8 +98,9 @@ def parse_where(text: str | None) -> list[tuple[str, str]]:
 def rows(runs: list[dict], where=None) -> list[dict]:
     """Flat rows: run_id, status, seed, every setting, final metrics, total seconds.
 
-    Settings a run was stored without (it predates a setting) take the setting's default, so an
-    added setting does not make old and new runs look like different experiments.
+    Settings a run was stored without (it predates a setting) take the value it ran with (for
+    ``device``, ``cpu``) or the setting's default, so an added setting does not make old and new
+    runs look like different experiments.
 
     Args:
         runs: run dicts as :meth:`RunStore.runs` returns them.
@@ -119,9 +120,10 @@ def rows(runs: list[dict], where=None) -> list[dict]:
         with RunStore("runs/bnlab.db", create=False) as store:
             after = rows(store.runs("deeplizard-bn"), where="bn=tutorial")
     """
-    from bnlab.train.settings import settings_fields
+    from bnlab.train.settings import added_settings, settings_fields
 
-    defaults = {f.name: f.default for f in settings_fields()}
+    # a setting a run lacks: the value it really ran with if the setting came later, else the default
+    defaults = {**{f.name: f.default for f in settings_fields()}, **added_settings()}
     out = []
     conds = parse_where(where) if isinstance(where, str) or where is None else where
     for r in runs:

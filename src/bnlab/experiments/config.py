@@ -215,7 +215,7 @@ class SweepConfig:
         d = {"dataset": self.dataset, **self.fixed, **point, "seed": seed, **(overrides or {})}
         try:
             # validate() checks each value's type and bounds, and batch_size >= 2 with BN
-            s = TrainSettings.from_dict(d).validate()
+            s = TrainSettings.from_dict(d).validate().resolved()
         except ConfigError as e:
             raise ConfigError(f"sweep {self.name!r}{_where(point)}: {e}") from None
         except (TypeError, ValueError) as e:  # a value of a type validate() did not expect

@@ -27,6 +27,10 @@ MIN_VALUES_PER_CHANNEL = 32  # fewer values per channel per batch give noisy bat
 ACC_GAP = 0.02  # eval-mode accuracy this much below batch-statistics accuracy is flagged
 
 
+# the advice to run --fix, kept in one place so a report of a fixed checkpoint can leave it out
+FIX_ADVICE = "; recalibrate with `bnlab doctor CKPT --fix -o OUT`"
+SMALL_BATCH_FIX = " or recalibrating (--fix)"
+
 def accuracy(model: nn.Module, data, batch_size: int = 500, batch_stats: bool = False) -> float:
     """Accuracy with BN in eval mode, or with each BN using the current batch's statistics
     (other layers in eval mode; running statistics untouched)."""
@@ -128,8 +132,8 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
             if bad_mean or bad_var:
                 findings.append(f"running statistics disagree with the data: {bad_mean} channel(s) with mean off by "
                                 f"> {MEAN_TOLERANCE} std (worst {row['mean_error_max']:.2f}), {bad_var} with variance "
-                                f"off by > {VAR_RATIO_TOLERANCE}x (worst {row['var_ratio_worst']:.2f}x); "
-                                "recalibrate with `bnlab doctor CKPT --fix -o OUT`")
+                                f"off by > {VAR_RATIO_TOLERANCE}x (worst {row['var_ratio_worst']:.2f}x)"
+                                + FIX_ADVICE)
         if bn.momentum is not None and not (0.001 <= bn.momentum <= 0.5):
             findings.append(f"momentum {bn.momentum} is unusual (torch default 0.1): "
                             + ("running stats follow single batches" if bn.momentum > 0.5 else "running stats barely move"))
@@ -141,8 +145,8 @@ def diagnose(model: nn.Module, train, test=None, *, batch_size: int | None = Non
             row["values_per_channel"] = per_channel
             if per_channel < MIN_VALUES_PER_CHANNEL:
                 findings.append(f"training batches give only {per_channel} values per channel: batch statistics are "
-                                "noisy; consider a larger batch, Ghost BN (--norm ghost), Batch Renorm (--norm renorm) "
-                                "or recalibrating (--fix)")
+                                "noisy; consider a larger batch, Ghost BN (--norm ghost), Batch Renorm (--norm renorm)"
+                                + SMALL_BATCH_FIX)
         row["status"] = "warn" if findings else "ok"
         layers.append(row)
     others = [{"layer": names[m], "type": type(m).__name__, "channels": _channels(m)}
@@ -188,7 +192,7 @@ def _channels(m: nn.Module) -> int | None:
     return getattr(m, "num_channels", None) or getattr(m, "num_features", None)
 
 
-def format_diagnosis(rep: dict) -> str:
+def format_diagnosis(rep: dict, fixed: bool = False) -> str:
     """A :func:`diagnose` report as text, as ``bnlab doctor`` prints it.
 
     One line per BN layer (``OK`` or ``WARN``, name, type, momentum, eps and how far its running
@@ -198,6 +202,7 @@ def format_diagnosis(rep: dict) -> str:
 
     Args:
         rep: the dict :func:`diagnose` returns.
+        fixed: the checkpoint was just recalibrated (``--fix``): leave out the advice to do so.
 
     Returns:
         The lines as one string; ``"no batch-norm layers: nothing to check"`` for a network without BN.
@@ -218,7 +223,10 @@ def format_diagnosis(rep: dict) -> str:
             stats = f"  running vs data: mean off by <= {r['mean_error_max']:.3f} std, variance x{r['var_ratio_worst']:.3f}"
         lines.append(f"{r['status'].upper():<4} {r['layer']} {r['type']}({r['channels']}) momentum={r['momentum']} "
                      f"eps={r['eps']}{stats}")
-        lines += [f"       - {f}" for f in r["findings"]]
+        for f in r["findings"]:
+            if fixed:
+                f = f.replace(FIX_ADVICE, " (recalibrated: see the last line)").replace(SMALL_BATCH_FIX, "")
+            lines.append(f"       - {f}")
         if r.get("dead_channels"):
             lines.append(f"       (note: {r['dead_channels']} channel(s) are constant on this data, e.g. dead ReLUs)")
     if "eval_acc" in rep:

@@ -164,30 +164,11 @@ def call_factory(spec: dict, *, input_shape, num_classes: int, bn: str = "none",
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {label!r} returned {type(model).__name__}, not a torch.nn.Module")
     if bn == "none" and not takes_bn:
+        from bnlab.nn.norms import strip_batchnorm
+
         strip_batchnorm(model)
     _check_output(model, label, input_shape, num_classes)
     return model
-
-
-def strip_batchnorm(model: nn.Module) -> int:
-    """Replace every BN layer of ``model`` by ``nn.Identity`` in place; a Conv/Linear right before
-    one (in its parent's order) that has no bias gets a zero bias. Returns how many were removed."""
-    from bnlab.nn import is_batchnorm
-
-    removed = 0
-    for parent in list(model.modules()):
-        prev = None
-        for name, child in list(parent.named_children()):
-            if is_batchnorm(child):
-                if isinstance(prev, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and prev.bias is None:
-                    out = prev.out_channels if isinstance(prev, nn.modules.conv._ConvNd) else prev.out_features
-                    prev.bias = nn.Parameter(torch.zeros(out, device=prev.weight.device, dtype=prev.weight.dtype))
-                setattr(parent, name, nn.Identity())
-                removed += 1
-                prev = None
-                continue
-            prev = child
-    return removed
 
 
 def _check_output(model: nn.Module, label: str, input_shape, num_classes: int) -> None:

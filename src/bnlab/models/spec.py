@@ -189,6 +189,13 @@ def build_from_spec(spec: dict, *, input_shape, num_classes: int, bn: str = "non
 
     The arguments are those of :func:`bnlab.models.build`, which is the entry point to use.
     """
+    if norm == "none":  # BN's places without a normalizer: BN built, then removed (a bias where it had one)
+        from bnlab.nn.norms import strip_batchnorm
+
+        model = build_from_spec(spec, input_shape=input_shape, num_classes=num_classes, bn=bn, bn_impl=bn_impl,
+                                activation=activation, dropout=dropout, virtual_batch_size=virtual_batch_size)
+        strip_batchnorm(model)
+        return model
     spec = validate_spec(spec)
     act_name = activation or spec["activation"]
     check_build_options(bn=bn, norm=norm, bn_impl=bn_impl, activation=act_name)

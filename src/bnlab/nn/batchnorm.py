@@ -229,6 +229,10 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
 
     if to in NORMS:
         return swap_norm(model, to, **options)
+    if options:
+        from bnlab.errors import ConfigError
+
+        raise ConfigError(f"convert(to={to!r}) takes no options ({', '.join(options)}): they are for a normalizer")
     if to not in ("bnlab", "torch"):
         from bnlab.errors import ConfigError
 

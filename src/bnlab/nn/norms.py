@@ -127,7 +127,7 @@ def warn_group_counts(model: nn.Module, groups: int) -> str | None:
     ``groups`` (their channels are fewer, or not divisible), grouped by channel count; returns it."""
     fewer: dict[tuple[int, int], int] = {}
     for m in model.modules():
-        if isinstance(m, nn.GroupNorm) and m.num_groups not in (groups, 1):
+        if isinstance(m, nn.GroupNorm) and m.num_groups != groups:
             fewer[(m.num_channels, m.num_groups)] = fewer.get((m.num_channels, m.num_groups), 0) + 1
     if not fewer:
         return None
@@ -151,7 +151,8 @@ def swap_norm(model: nn.Module, norm: str, *, impl: str = "bnlab", groups: int =
 
     ``norm="none"`` removes them (``nn.Identity``); a Conv/Linear right before one that has no
     bias (as convs before BN usually have not) gets a zero bias, so the network keeps a shift.
-    ``norm="batch"`` makes every BN an ``impl`` BatchNorm (bnlab's or torch's), keeping its state.
+    ``norm="batch"`` makes every plain BatchNorm an ``impl`` one (bnlab's or torch's), keeping its
+    state (:func:`bnlab.nn.convert`; bnlab's variants and subclasses stay as they are).
 
     Args:
         model: any ``nn.Module``; a bare BN layer is returned replaced.
@@ -186,29 +187,42 @@ def swap_norm(model: nn.Module, norm: str, *, impl: str = "bnlab", groups: int =
 
     if is_batchnorm(model):
         return replacement("", model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one summary below, not one warning per layer
-        _swap_children(model, norm, replacement)
+    if norm == "none":
+        strip_batchnorm(model)
+        return model
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if is_batchnorm(child):
+                setattr(parent, name, replacement(f"{parent_name}.{name}" if parent_name else name, child))
     if norm == "group":
-        warn_group_counts(model, groups)
+        warn_group_counts(model, groups)  # one warning naming every layer with fewer groups
     return model
 
 
-def _swap_children(model: nn.Module, norm: str, replacement) -> None:
+def strip_batchnorm(model: nn.Module) -> int:
+    """Replace every BN layer of ``model`` by ``nn.Identity`` in place; a Conv/Linear right before
+    one (in its parent's order) that has no bias gets a zero bias, so the network keeps a shift
+    where BN had one. Returns how many were removed.
+
+    Example::
+
+        strip_batchnorm(net)   # net without BN: what bn=none makes of a model as written
+    """
     from bnlab.nn.batchnorm import is_batchnorm
 
-    for parent_name, parent in list(model.named_modules()):
+    removed = 0
+    for parent in list(model.modules()):
         prev = None
         for name, child in list(parent.named_children()):
             if is_batchnorm(child):
-                full = f"{parent_name}.{name}" if parent_name else name
-                if norm == "none" and isinstance(prev, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
-                        and prev.bias is None:
+                if isinstance(prev, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and prev.bias is None:
                     prev.bias = nn.Parameter(prev.weight.new_zeros(prev.weight.shape[0]))
-                setattr(parent, name, replacement(full, child))
+                setattr(parent, name, nn.Identity())
+                removed += 1
                 prev = None
                 continue
             prev = child
+    return removed
 
 
 class WSConv2d(nn.Conv2d):
@@ -237,15 +251,16 @@ class WSConv2d(nn.Conv2d):
 
 def standardize_weights(model: nn.Module) -> nn.Module:
     """Make every ``nn.Conv2d`` of ``model`` a :class:`WSConv2d` in place, keeping its weights
-    (a bare Conv2d is returned converted). Convs that are already WS are left.
+    (a bare Conv2d is returned converted). Convs that are already WS are left, and so are convs
+    whose filters have a single weight (a depthwise 1x1 conv: nothing to standardize).
 
     Example::
 
         net = standardize_weights(swap_norm(net, "group"))     # GN + WS
     """
     def convert_one(m: nn.Module) -> nn.Module:
-        if type(m) is not nn.Conv2d:
-            return m
+        if type(m) is not nn.Conv2d or m.weight[0].numel() < 2:
+            return m  # a filter of one weight has no spread to standardize
         new = WSConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                        m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
         new.load_state_dict(m.state_dict())

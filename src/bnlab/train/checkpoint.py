@@ -222,8 +222,13 @@ def _network(spec: dict, build: dict, folded: bool) -> nn.Module:
     return fold_batchnorm(model)[0] if folded else model
 
 
-def _shapes(model: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _shapes(model: nn.Module) -> tuple:
+    """What tells a network from its folded self: its weights' shapes, and whether its convs are
+    weight-standardized (folding freezes them as plain convs with the same shapes)."""
+    from bnlab.nn.norms import WSConv2d
+
+    return ({k: tuple(v.shape) for k, v in model.state_dict().items()},
+            any(isinstance(m, WSConv2d) for m in model.modules()))
 
 
 def _is_folded(model: nn.Module, spec: dict, build: dict) -> bool:

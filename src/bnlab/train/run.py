@@ -110,7 +110,8 @@ def check_model(s: TrainSettings, input_shape=None, num_classes: int | None = No
 
     spec = models.resolve_spec(s.model)
     if models.is_python_spec(spec):
-        models.load_factory(spec)
+        models.load_factory(spec)  # a user's factory may not run on meta tensors: it is built for real later
+        return
     if input_shape is not None:
         with torch.device("meta"):
             models.build(spec, input_shape=input_shape, num_classes=num_classes, **s.build_options())
@@ -147,7 +148,7 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         res = train(TrainSettings(dataset="digits", model="keras-mlp", bn="after", epochs=2))
         res.history.test_acc
     """
-    s = settings.validate()
+    s = settings.validate().resolved()  # the checkpoint and the history record where it ran
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")  # now, not after an hour of training
     train_ds, test_ds = datasets if datasets is not None else load_data(s)

@@ -180,6 +180,11 @@ class TrainSettings:
         d.pop("extra")
         return d
 
+    def resolved(self) -> "TrainSettings":
+        """A copy with ``device="auto"`` replaced by the device it picks here (``cpu``, ``cuda`` or
+        ``mps``): what a run records, so its stored settings say where it ran."""
+        return dataclasses.replace(self, device=resolve_device(self.device).type)
+
     def build_options(self) -> dict:
         """The keyword arguments of :func:`bnlab.models.build` these settings ask for (without the
         model, the data's shapes and the seed)."""
@@ -189,8 +194,7 @@ class TrainSettings:
         """Stable 16-hex-digit identity of these settings (where the data lives left out) and,
         when given, of the torch thread count the run uses (CPU kernels sum in another order
         with other thread counts, so results differ in the last digits): a sweep's run id."""
-        d = self.to_dict()
-        d["device"] = resolve_device(self.device).type  # what ran: auto on a machine without a GPU is cpu
+        d = self.resolved().to_dict()  # what runs: auto on a machine without a GPU is the cpu
         if threads is not None:
             d["threads"] = threads
         return identity_hash(d)
@@ -233,6 +237,11 @@ def settings_fields() -> list[dataclasses.Field]:
 
 
 @functools.cache
+def added_settings() -> dict:
+    """The settings added after run stores existed, with the value every older run had."""
+    return dict(_added())
+
+
 def _added() -> dict:
     return {f.name: f.metadata["added"] for f in _fields() if f.metadata.get("added", _ORIGINAL) is not _ORIGINAL}
 
