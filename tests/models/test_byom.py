@@ -160,3 +160,37 @@ def test_resnet20_and_vgg_in_the_zoo(capsys):
     assert s["total_params"] == sum(r["params"] for r in s["layers"])
     assert main(["models", "show", "resnt20"]) == 2
     assert "did you mean 'resnet20'" in capsys.readouterr().err
+
+
+def test_activation_tracking_and_norm_swap_on_a_python_model(tmp_path):
+    """A network that applies ReLU as a function has no nonlinearity modules: tracking watches its
+    BN inputs instead; --norm swaps its BN layers for the normalizer asked for."""
+    from bnlab.train import TrainSettings, train
+
+    path = tmp_path / "fnet.py"
+    path.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self, c, k):
+                super().__init__()
+                self.conv = nn.Conv2d(c, 8, 3, padding=1, bias=False)
+                self.bn = nn.BatchNorm2d(8)
+                self.head = nn.Linear(8, k)
+
+            def forward(self, x):
+                return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+        def make(input_shape, num_classes):
+            return Net(input_shape[0], num_classes)
+    '''))
+    s = TrainSettings(dataset="digits", model=f"{path}:make", bn="tutorial", epochs=1, batch_size=128,
+                      track_activations=True, track_every=3)
+    res = train(s, progress=False)
+    layers = {r["layer"] for r in res.tracker.records if r["layer"] != "test"}
+    assert layers == {"bn:BatchNorm2d"} and len(res.tracker.records) >= 3
+    gn = train(TrainSettings(**{**s.to_dict(), "norm": "group", "norm_groups": 4, "track_activations": False}),
+               progress=False)
+    assert isinstance(gn.model.bn, torch.nn.GroupNorm) and gn.model.bn.num_groups == 4
+    assert gn.history.status == "done"

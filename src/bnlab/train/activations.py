@@ -29,11 +29,14 @@ MAX_EXACT = 1 << 24  # torch.quantile's input limit
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The nonlinearities of a model, by name (their inputs are what Fig. 1 tracks).
+    """The layers whose inputs activation tracking watches by default: the nonlinearities of a
+    model (their inputs are what Fig. 1 tracks); for a network that applies its activations as
+    functions (``torch.relu(x)``, no modules to hook), its normalization layers (the inputs BN
+    normalizes); failing those, its Conv/Linear layers after the first.
 
     Args:
         model: any network; its ReLU, Sigmoid, Tanh, LeakyReLU, ELU and GELU modules are found
-            (functional activations such as ``F.relu`` are not modules and are not found).
+            first.
 
     Returns:
         ``{"<module name>:<class name>": module}`` in the order of ``model.named_modules()``.
@@ -43,7 +46,15 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
         list(default_layers(bnlab.models.build("keras-mlp", input_shape=(1, 8, 8), num_classes=10)))
         # ['2:ReLU', '4:ReLU']
     """
-    return {f"{name}:{type(m).__name__}": m for name, m in model.named_modules() if isinstance(m, NONLINEARITIES)}
+    from bnlab.nn import is_batchnorm, is_per_example_norm
+
+    modules = list(model.named_modules())
+    for wanted in (lambda m: isinstance(m, NONLINEARITIES), lambda m: is_batchnorm(m) or is_per_example_norm(m)):
+        found = {f"{name}:{type(m).__name__}": m for name, m in modules if wanted(m)}
+        if found:
+            return found
+    weights = [(name, m) for name, m in modules if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    return {f"{name}:{type(m).__name__}": m for name, m in weights[1:]}
 
 
 def _quantiles(sorted_: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -138,6 +149,11 @@ class ActivationTracker(Callback):
         """Choose the layers of ``model`` to watch (done by ``fit`` when no model was given)."""
         available = default_layers(model)
         named = dict(model.named_modules())
+        if self.layer_names is None and not available:
+            from bnlab.errors import ConfigError
+
+            raise ConfigError(f"{type(model).__name__} has no nonlinearity, normalization, conv or linear layers to "
+                              "track: name the modules to watch with layers=[...]")
         chosen = {}
         for name in self.layer_names if self.layer_names is not None else available:
             if name in available:
