@@ -507,3 +507,24 @@ def test_the_thread_count_is_part_of_a_runs_identity(tmp_path):
     with RunStore(db) as st:
         threads = sorted(r["settings"]["threads"] for r in st.runs("t"))
         assert threads == [1, 1, 2, 2]
+
+
+def test_opening_a_store_twice_in_one_process_keeps_its_locks(tmp_path):
+    """A second RunStore in the same process (a sweep's driver and its in-process run) must not
+    drop the first one's SQLite locks: closing any descriptor of the file would, after which
+    another process that opens and closes the store deletes the WAL under the first connection
+    ("disk I/O error" on its next query)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.db"
+    first = RunStore(path)
+    first.db.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+    first.db.execute("INSERT INTO probe VALUES (1)")
+    RunStore(path).close()
+    subprocess.run([sys.executable, "-c", f"import sqlite3; c = sqlite3.connect({str(path)!r}); "
+                    "c.execute('SELECT count(*) FROM sqlite_master').fetchall(); c.close()"], check=True)
+    assert (tmp_path / "s.db-wal").exists()  # the other process saw our locks and left the WAL alone
+    first.db.execute("INSERT INTO probe VALUES (2)")
+    assert first.db.execute("SELECT count(*) FROM probe").fetchone()[0] == 2
+    first.close()

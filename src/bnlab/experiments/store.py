@@ -92,7 +92,6 @@ LEGACY_VERSIONS = {
     "sweep_configs": "SELECT name AS sweep, 1 AS version, config, created FROM sweeps ORDER BY rowid",
     "sweep_run_versions": "SELECT sweep, 1 AS version, run_id FROM sweep_runs ORDER BY rowid",
 }
-SQLITE_HEADER = b"SQLite format 3\x00"
 
 OWNER = secrets.token_hex(8)
 HOST = socket.gethostname()
@@ -209,9 +208,10 @@ class RunStore:
         self.newer: str | None = None  # why not to write to it, when a newer bnlab wrote it
         if self.path.is_dir():
             raise ConfigError(f"run store {self.target} is a directory: pass a file path with --store")
-        if self.path.exists():
-            self._check_header()
-        elif not create:
+        # no header check with open()/close() here: closing any descriptor of the file drops every
+        # POSIX lock this process holds on it (other RunStores' included, SQLite's own locks), after
+        # which another process may delete the WAL under them; SQLite itself refuses a non-SQLite file
+        if not self.path.exists() and not create:
             raise ConfigError(f"run store {self.target} does not exist: run a sweep first (or pass --store)")
         else:
             try:
@@ -222,15 +222,6 @@ class RunStore:
         self.db = self._open(create)
 
     # ---------------------------------------------------------------- opening
-
-    def _check_header(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(len(SQLITE_HEADER))
-        except OSError as e:
-            raise ConfigError(f"cannot read run store {self.target}: {e.strerror}") from None
-        if head and head != SQLITE_HEADER:
-            raise ConfigError(f"{self.target} is not a bnlab run store (not an SQLite file): pass another --store")
 
     def _connect(self, mode: str | None) -> sqlite3.Connection:
         """``mode``: None (read-write, or as the URI says), ``ro`` or ``immutable`` (read-only media)."""
@@ -259,7 +250,8 @@ class RunStore:
                 if db is not None:
                     db.close()
                 if not _cannot_open(e):
-                    raise ConfigError(f"{self.target} is not a bnlab run store ({e}): pass another --store") from None
+                    why = "not an SQLite file" if "not a database" in str(e) else str(e)
+                    raise ConfigError(f"{self.target} is not a bnlab run store ({why}): pass another --store") from None
                 last = e
                 continue
             if mode is not None:  # read-only media: the WAL index cannot be created next to the file
