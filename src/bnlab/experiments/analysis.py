@@ -261,8 +261,6 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
         res = compare(rows(store.runs("deeplizard-bn")), "bn", "test_acc")
         print(res["tests"][0]["verdict"])
     """
-    from scipy import stats
-
     if rows_ and by not in rows_[0]:
         raise ConfigError(f"--by: unknown setting {by!r}{suggest(by, setting_columns(rows_))}")
     if rows_ and metric not in rows_[0]:
@@ -291,20 +289,26 @@ def compare(rows_: list[dict], by: str, metric: str = "test_acc") -> dict:
         for j in range(i + 1, len(summary)):
             a, b = summary[i], summary[j]
             va, vb = levels[a[by]], levels[b[by]]
-            half = math.nan  # the 95% CI half-width of the difference (Welch-Satterthwaite)
-            if len(va) > 1 and len(vb) > 1 and (statistics.stdev(va) > 0 or statistics.stdev(vb) > 0):
-                t, p = stats.ttest_ind(va, vb, equal_var=False)
-                t, p = float(t), float(p)
-                sa, sb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
-                df = (sa + sb) ** 2 / (sa ** 2 / (a["n"] - 1) + sb ** 2 / (b["n"] - 1))
-                half = t_critical(df) * math.sqrt(sa + sb)
-            else:
-                t, p = math.nan, math.nan
-            diff = a["mean"] - b["mean"]
+            diff, half, t, p = welch(va, vb)
             tests.append({"a": a[by], "b": b[by], "diff": diff, "diff_ci95": half, "t": t, "p": p,
                           "verdict": verdict(by, a[by], b[by], diff, p, metric, len(va), len(vb))})
     fixed = {k: v for k, v in (rows_[0].items() if rows_ else ()) if k in setting_columns(rows_) and k != by}
     return {"by": by, "metric": metric, "levels": summary, "tests": tests, "fixed": fixed}
+
+
+def welch(va: list[float], vb: list[float]) -> tuple[float, float, float, float]:
+    """``(mean(va) - mean(vb), 95% CI half-width of that difference, t, p)`` of Welch's t-test
+    (Welch-Satterthwaite degrees of freedom); the last three are NaN with fewer than two values
+    on a side or no spread at all."""
+    diff = statistics.fmean(va) - statistics.fmean(vb)
+    if len(va) < 2 or len(vb) < 2 or (statistics.stdev(va) == 0 and statistics.stdev(vb) == 0):
+        return diff, math.nan, math.nan, math.nan
+    from scipy import stats
+
+    t, p = stats.ttest_ind(va, vb, equal_var=False)
+    sa, sb = statistics.variance(va) / len(va), statistics.variance(vb) / len(vb)
+    df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1))
+    return diff, t_critical(df) * math.sqrt(sa + sb), float(t), float(p)
 
 
 METRIC_NAMES = {"test_acc": "test accuracy", "train_acc": "training accuracy", "test_loss": "test loss",

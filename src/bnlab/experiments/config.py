@@ -17,6 +17,13 @@ lr = [0.01, 0.001]
 text = "BN 93.7% vs no-BN 91% train accuracy by epoch 20"
 ```
 
+Two more keys for experiments whose conditions are not a cartesian product:
+
+- ``[[cases]]`` tables: linked settings that form one more grid dimension, each case named by an
+  optional ``label`` (``{label = "group+WS", norm = "group", weight_std = true}``).
+- ``scale_lr_with_batch = 32``: the linear scaling rule, each run's ``lr`` is the configured
+  ``lr`` times ``batch_size / 32`` (Goyal et al. 2017; what Wu & He do across batch sizes).
+
 ``parse_config`` checks every value once (its type, its bounds, that the model exists and has
 the BN placement asked for); ``run_sweep`` then checks every run of the grid and builds each
 distinct network for its dataset, all before the store is touched. A run's identity is a hash of
@@ -39,7 +46,8 @@ from bnlab._toml import read_toml
 from bnlab.errors import ConfigError, suggest
 from bnlab.train.settings import NOT_IDENTITY, TrainSettings, identity_hash  # noqa: F401 (re-exported)
 
-CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description", "quick"}
+CONFIG_KEYS = {"name", "dataset", "seeds", "fixed", "grid", "claim", "description", "quick", "cases",
+               "scale_lr_with_batch"}
 # a sweep with more runs than this is refused unless the caller raises the limit (--max-runs)
 MAX_RUNS = 10_000
 
@@ -95,6 +103,8 @@ class SweepConfig:
         overrides: the values :meth:`override` fixed, kept so the store records what ran.
         quick: the overrides of the recipe's ``--quick`` size (a ``[quick]`` table: fewer
             epochs, examples or seeds, so it runs in about 3 minutes); see :meth:`quick_size`.
+        cases: linked settings, one more grid dimension (see the module docstring).
+        scale_lr_with_batch: the batch size at which ``lr`` is as configured (linear scaling).
 
     Example::
 
@@ -116,15 +126,44 @@ class SweepConfig:
     overrides: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
     claim_dataset: str = ""  # the dataset the claim was made on, when the sweep runs on another (not stored)
+    cases: list = field(default_factory=list)
+    scale_lr_with_batch: int | None = None
 
     def grid_keys(self) -> list[str]:
-        """The gridded settings, in the config's order."""
-        return list(self.grid)
+        """The settings that vary: the gridded ones in the config's order, then those of the cases."""
+        keys = list(self.grid)
+        for case in self.cases:
+            keys += [k for k in case if k != "label" and k not in keys]
+        if self.scale_lr_with_batch and "batch_size" in keys and "lr" not in keys:
+            keys.append("lr")
+        return keys
+
+    def case_labels(self) -> list[str]:
+        """Each case's label (its settings in words when it has none), in order."""
+        return [c.get("label") or ", ".join(f"{k}={v}" for k, v in c.items() if k != "label") for c in self.cases]
+
+    def case_label(self, settings: dict) -> str | None:
+        """The label of the case a run's settings (a dict, e.g. a results row) belong to
+        (``None`` without cases, or when they match none)."""
+        for case, label in zip(self.full_cases(), self.case_labels()):
+            if all(settings.get(k) == v for k, v in case.items()):
+                return label
+        return None
+
+    def full_cases(self) -> list[dict]:
+        """Each case's settings with every setting any case links (a case that leaves one out
+        runs with its default, e.g. ``weight_std = false``): what tells the cases apart."""
+        linked = list(dict.fromkeys(k for c in self.cases for k in c if k != "label"))
+        return [{k: c.get(k, getattr(TrainSettings(), k)) for k in linked} for c in self.cases]
 
     def to_dict(self) -> dict:
         """The config as plain values (what the run store records; ``source`` left out)."""
         d = {"name": self.name, "dataset": self.dataset, "seeds": self.seeds, "fixed": self.fixed,
              "grid": self.grid, "claim": self.claim, "description": self.description}
+        if self.cases:
+            d["cases"] = self.cases
+        if self.scale_lr_with_batch:
+            d["scale_lr_with_batch"] = self.scale_lr_with_batch
         if self.overrides:
             d["overrides"] = self.overrides
         return d
@@ -170,6 +209,9 @@ class SweepConfig:
                 dataset = value
             elif key == "seed":
                 raise ConfigError("--set seed: set the seeds of a sweep with --set seeds=[0,1,2]")
+            elif key in {k for c in self.cases for k in c}:
+                raise ConfigError(f"--set {key}: {self.name} sets {key} in its [[cases]]; change the cases in a copy "
+                                  f"of the config (bnlab recipes show {self.name} > mine.toml)")
             elif key in names:
                 grid.pop(key, None)
                 fixed[key] = value
@@ -182,21 +224,23 @@ class SweepConfig:
         return out
 
     def size(self) -> int:
-        """How many runs the sweep has (grid product x seeds), computed without expanding it."""
-        return math.prod(len(v) for v in self.grid.values()) * len(self.seeds)
+        """How many runs the sweep has (grid product x cases x seeds), computed without expanding it."""
+        return math.prod(len(v) for v in self.grid.values()) * max(len(self.cases), 1) * len(self.seeds)
 
     def size_text(self) -> str:
         """``"200 x 200 values x 1 seed(s)"``: where :meth:`size` comes from."""
-        values = " x ".join(str(len(v)) for v in self.grid.values())
-        return f"{values + ' values x ' if values else ''}{len(self.seeds)} seed(s)"
+        parts = [" x ".join(str(len(v)) for v in self.grid.values()) + " values"] if self.grid else []
+        parts += [f"{len(self.cases)} cases"] if self.cases else []
+        return " x ".join(parts + [f"{len(self.seeds)} seed(s)"])
 
     def iter_runs(self, overrides: dict | None = None, threads: int | None = None) -> Iterator[Run]:
         """Every run of the sweep, one at a time (grid product x seeds, in a fixed order), each
         validated. ``threads`` (the torch threads per run) becomes part of each run's identity."""
         _check_seeds(self.seeds, f"sweep {self.name!r}")
         keys = list(self.grid)
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
-            point = dict(zip(keys, combo))
+        cases = [{k: v for k, v in c.items() if k != "label"} for c in self.cases] or [{}]
+        for combo in itertools.product(*(self.grid[k] for k in keys), cases):
+            point = {**dict(zip(keys, combo[:-1])), **combo[-1]}
             first = self._run(point, self.seeds[0], overrides, threads)
             yield first
             for seed in self.seeds[1:]:
@@ -213,6 +257,10 @@ class SweepConfig:
 
     def _run(self, point: dict, seed: int, overrides: dict | None, threads: int | None) -> Run:
         d = {"dataset": self.dataset, **self.fixed, **point, "seed": seed, **(overrides or {})}
+        if self.scale_lr_with_batch and not (overrides and "lr" in overrides):
+            lr, batch = d.get("lr", TrainSettings.lr), d.get("batch_size", TrainSettings.batch_size)
+            if isinstance(lr, (int, float)) and isinstance(batch, int):
+                d["lr"] = lr * batch / self.scale_lr_with_batch  # the linear scaling rule
         try:
             # validate() checks each value's type and bounds, and batch_size >= 2 with BN
             s = TrainSettings.from_dict(d).validate().resolved()
@@ -245,6 +293,7 @@ class SweepConfig:
         _check_seeds(self.seeds, f"sweep {self.name!r}")
         first = {k: v[0] for k, v in self.grid.items()}
         points = [first] + [{**first, k: v} for k, vs in self.grid.items() for v in vs[1:]]
+        points += [{**first, **{k: v for k, v in c.items() if k != "label"}} for c in self.cases]
         for point in points:
             self._run(point, self.seeds[0], overrides, None)
         bns = self.values("bn", overrides)
@@ -342,8 +391,21 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
     quick = d.get("quick", {})
     if not isinstance(quick, dict):
         raise ConfigError(f"{source}: [quick] must be a table of settings")
+    cases = d.get("cases", [])
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and c for c in cases):
+        raise ConfigError(f"{source}: cases must be [[cases]] tables of settings")
+    labels = [c.get("label") for c in cases if c.get("label") is not None]
+    if len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+        raise ConfigError(f"{source}: each case's label must be a distinct non-empty string")
+    linked = {k for c in cases for k in c if k != "label"}
+    if linked & (set(grid) | set(fixed)):
+        raise ConfigError(f"{source}: {', '.join(sorted(linked & (set(grid) | set(fixed))))} both in [[cases]] "
+                          "and in [fixed]/[grid]")
+    scale = d.get("scale_lr_with_batch")
+    if scale is not None and not (isinstance(scale, int) and not isinstance(scale, bool) and scale >= 1):
+        raise ConfigError(f"{source}: scale_lr_with_batch must be a whole number >= 1 (a batch size), got {scale!r}")
     cfg = SweepConfig(d["name"], d["dataset"], seeds, fixed, grid, d.get("claim", {}), d.get("description", ""), source,
-                      quick=quick)
+                      quick=quick, cases=cases, scale_lr_with_batch=scale)
     cfg.check()  # every value and model now, before anything runs (run_sweep checks every run)
     if quick:
         cfg.quick_size().check()

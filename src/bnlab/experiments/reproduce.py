@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
 from bnlab.errors import ConfigError
-from bnlab.experiments.analysis import compare, rows, t_critical
+from bnlab.experiments.analysis import compare, metric_name, rows, t_critical, welch
 from bnlab.experiments.config import SweepConfig, load_recipe, recipe_names  # noqa: F401 (re-exported)
 from bnlab.experiments.store import RunStore
 from bnlab.experiments.sweep import run_sweep
@@ -30,8 +31,9 @@ def adapt(cfg: SweepConfig, epochs: int | None = None, seeds: int | None = None,
     if dataset is not None and dataset != cfg.dataset:
         ds = dataset
         name += f"-{dataset}"
-    out = SweepConfig(name, ds, seed_list, fixed, dict(cfg.grid), dict(cfg.claim), cfg.description, cfg.source,
-                      dict(cfg.overrides), claim_dataset=cfg.claim_dataset or cfg.dataset)
+    out = dataclasses.replace(cfg, name=name, dataset=ds, seeds=seed_list, fixed=fixed, grid=dict(cfg.grid),
+                              claim=dict(cfg.claim), overrides=dict(cfg.overrides),
+                              claim_dataset=cfg.claim_dataset or cfg.dataset)
     out.runs()
     return out
 
@@ -53,10 +55,14 @@ def _values_at(store: RunStore, run_ids: list[str], metric: str, epoch: int | No
 def runs_of(store: RunStore, cfg: SweepConfig) -> list[dict]:
     """Rows of exactly this config's runs: a sweep name reused with other settings (say fewer
     epochs) also holds other experiments, which must not be pooled with these."""
+    scaled = {"lr"} if cfg.scale_lr_with_batch else set()  # each run's lr follows its batch size
+    cases = cfg.full_cases()
+
     def belongs(r):
         return (r["seed"] in cfg.seeds and r.get("dataset") == cfg.dataset
-                and all(r.get(k) == v for k, v in cfg.fixed.items())
-                and all(r.get(k) in v for k, v in cfg.grid.items()))
+                and all(r.get(k) == v for k, v in cfg.fixed.items() if k not in scaled)
+                and all(r.get(k) in v for k, v in cfg.grid.items())
+                and (not cases or any(all(r.get(k) == v for k, v in c.items()) for c in cases)))
 
     return [r for r in rows(store.runs(cfg.name)) if belongs(r)]
 
@@ -138,20 +144,31 @@ def axis_comparison(store: RunStore, cfg: SweepConfig) -> dict:
     verdict says whether the level the claim names as ``wider`` has the widest range.
     """
     claim = cfg.claim or {}
-    axis, by, metric = claim["axis"], claim.get("by", "bn"), claim.get("metric", "test_acc")
+    axis, metric = claim["axis"], claim.get("metric", "test_acc")
     flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
+    if cfg.cases:  # the levels are the cases (linked settings), by their labels
+        by, levels = "case", cfg.case_labels()
+
+        def level_of(r):
+            return cfg.case_label(r)
+    else:
+        by = claim.get("by", "bn")
+        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
+
+        def level_of(r):
+            return str(r.get(by))
     series = {}
-    for level in cfg.grid.get(by, [cfg.fixed.get(by)]):
+    for level in levels:
         pts = []
         for x in sorted(cfg.grid.get(axis, [cfg.fixed.get(axis)])):
-            runs = [r for r in flat if r.get(by) == level and r.get(axis) == x]
+            runs = [r for r in flat if level_of(r) == level and r.get(axis) == x]
             vals = [v for r in runs if r["status"] == "done" and (v := _metric_value(r, metric)) is not None]
             n = len(vals)
             std = statistics.stdev(vals) if n > 1 else None
             pts.append({axis: x, "runs": len(runs), "n": n, "diverged": sum(r["status"] == "diverged" for r in runs),
                         "mean": statistics.fmean(vals) if vals else None, "std": std,
-                        "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None})
-        series[str(level)] = pts
+                        "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None, "values": vals})
+        series[level] = pts
     out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),
            "claim_dataset": claim.get("dataset") or cfg.claim_dataset or cfg.dataset, "by": by, "axis": axis,
            "metric": metric, "series": series, "tests": []}
@@ -166,7 +183,58 @@ def axis_comparison(store: RunStore, cfg: SweepConfig) -> dict:
                               "decades": math.log10(max(ok) / min(ok)) if min(ok) > 0 else None} if ok else None)
         out["threshold"], out["ranges"] = threshold, ranges
         out["verdict"] = _range_verdict(claim, axis, ranges, usable)
+    if claim.get("degrades") or claim.get("holds"):
+        out["changes"] = {level: _end_change(pts) for level, pts in series.items()}
+        out["verdict"] = _trend_verdict(claim, axis, metric, out["changes"])
+    for pts in series.values():
+        for p in pts:
+            p.pop("values")
     return out
+
+
+def _end_change(pts: list[dict]) -> dict | None:
+    """The metric at the axis's smallest value minus at its largest, with Welch's 95% CI and p."""
+    lo, hi = pts[0], pts[-1]
+    if len(lo["values"]) < 1 or len(hi["values"]) < 1:
+        return None
+    diff, half, _, p = welch(lo["values"], hi["values"])
+    return {"diff": diff, "ci95": half, "p": p, "n": (len(lo["values"]), len(hi["values"]))}
+
+
+def _trend_verdict(claim: dict, axis: str, metric: str, changes: dict) -> str:
+    """Whether the levels the claim says degrade (``degrades``) get significantly worse at the
+    smallest value of the axis, and those it says hold (``holds``) change much less."""
+    lower_better = metric.endswith(("error", "loss"))
+
+    def worse(ch):  # how much worse at the small end, in the metric's units (positive = worse)
+        return ch["diff"] if lower_better else -ch["diff"]
+
+    pct = metric.endswith(("acc", "error"))
+
+    def words(level, ch):
+        if ch is None:
+            return f"{level}: no finished runs at both ends"
+        amount = f"{worse(ch) * 100:+.2f} points" if pct else f"{worse(ch):+.4g}"
+        ci = f" ± {ch['ci95'] * 100:.2f}" if pct and not math.isnan(ch["ci95"]) else ""
+        p = "" if math.isnan(ch["p"]) else f", p = {ch['p']:.2g}"
+        return f"{level} {amount}{ci}{p}"
+
+    head = (f"{metric_name(metric)} at the smallest {axis} vs the largest (positive = worse): "
+            + "; ".join(words(lv, ch) for lv, ch in changes.items()))
+    degrades = [lv for lv in claim.get("degrades", []) if changes.get(lv)]
+    holds = [lv for lv in claim.get("holds", []) if changes.get(lv)]
+    if not degrades or not holds:
+        return head
+    sig = [lv for lv in degrades if changes[lv]["p"] < 0.05 and worse(changes[lv]) > 0]
+    gap = min(worse(changes[d]) for d in degrades) - max(worse(changes[h]) for h in holds)
+    if len(sig) == len(degrades) and gap > 0:
+        verdict = (f"Reproduces: {', '.join(degrades)} get significantly worse at small {axis} and "
+                   f"{', '.join(holds)} by at least {gap * 100 if pct else gap:.2f}{' points' if pct else ''} less.")
+    elif sig:
+        verdict = f"Partly: {', '.join(sig)} get significantly worse, but not every claimed contrast holds."
+    else:
+        verdict = f"Does not reproduce at this scale: {', '.join(degrades)} do not get significantly worse."
+    return f"{head}. {verdict}"
 
 
 def _range_verdict(claim: dict, axis: str, ranges: dict, usable: float) -> str:

@@ -88,6 +88,22 @@ ZOO: dict[str, dict] = {
                    _dense("classes")],
         "datasets": ["fashion-mnist", "mnist", "cifar10", "image-folder"],
     },
+    "allconv-cnn": {
+        "name": "allconv-cnn",
+        "description": "a small all-convolutional net: conv3x3 16, conv3x3/2 32, conv3x3/2 64, global average "
+                       "pool, fc10; every normalizer place is a feature map (for group/layer/instance norm)",
+        "activation": "relu",
+        # The normalization experiments (bnlab reproduce groupnorm) need a network where every
+        # BN place can also hold GroupNorm/LayerNorm/InstanceNorm: no dense layer but the logits,
+        # as in the ResNets Wu & He use, and cheap enough for batches of 2 on a CPU.
+        "layers": [_conv(16, 3, padding=1), RELU, _conv(32, 3, padding=1, stride=2), RELU,
+                   _conv(64, 3, padding=1, stride=2), RELU, {"type": "pool", "kind": "avg", "size": 7}, FLAT,
+                   _dense("classes")],
+        "tutorial_bn": [_conv(16, 3, padding=1, bias=False), BN, RELU, _conv(32, 3, padding=1, stride=2, bias=False),
+                        BN, RELU, _conv(64, 3, padding=1, stride=2, bias=False), BN, RELU,
+                        {"type": "pool", "kind": "avg", "size": 7}, FLAT, _dense("classes")],
+        "datasets": ["fashion-mnist", "mnist"],
+    },
     "vgg-bn": {
         "name": "vgg-bn",
         "description": "a small VGG-style net: 3 x (conv3x3-conv3x3-pool) 32-64-128, fc256, fc10; BN after every conv",

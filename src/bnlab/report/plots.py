@@ -233,13 +233,14 @@ def metric_vs_axis(series: dict, axis: str, metric: str, path: str | Path, *, by
     for i, (level, pts) in enumerate(series.items()):
         color = f"C{i}"
         ok = [p for p in pts if p["mean"] is not None]
+        name = level if by == "case" else f"{by}={level}"
         ax.errorbar([p[axis] for p in ok], [p["mean"] for p in ok], yerr=[p["ci95"] or 0 for p in ok], marker="o",
-                    ms=4, capsize=3, color=color, label=f"{by}={level}")
+                    ms=4, capsize=3, color=color, label=name)
         div = [p for p in pts if p["diverged"]]
         if div:
             ax.scatter([p[axis] for p in div], [0.03 + 0.05 * i] * len(div), marker="x", s=60, color=color, clip_on=False,
                        transform=ax.get_xaxis_transform(), zorder=5,
-                       label=f"{by}={level}: diverged (" + ", ".join(f"{p['diverged']}/{p['runs']}" for p in div) + ")")
+                       label=f"{name}: diverged (" + ", ".join(f"{p['diverged']}/{p['runs']}" for p in div) + ")")
             marked = True
     xs = sorted({p[axis] for pts in series.values() for p in pts if p[axis] is not None})
     if xs and xs[0] > 0 and xs[-1] / xs[0] > 10:

@@ -58,7 +58,7 @@ def format_axis_comparison(c: dict) -> str:
 
     levels = list(c["series"])
     head = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}", "",
-            f"{c['axis']:>10} " + " ".join(f"{c['by'] + '=' + lv:>24}" for lv in levels)]
+            f"{c['axis']:>10} " + " ".join(f"{lv if c['by'] == 'case' else c['by'] + '=' + lv:>24}" for lv in levels)]
     xs = [p[c["axis"]] for p in c["series"][levels[0]]]
     rows = [f"{x:>10g} " + " ".join(f"{cell(c['series'][lv][i]):>24}" for lv in levels) for i, x in enumerate(xs)]
     tail = [f"({metric_name(c['metric'])} of the final epoch; ± is the 95% confidence half-width over seeds)"]
