@@ -194,3 +194,15 @@ def test_activation_tracking_and_norm_swap_on_a_python_model(tmp_path):
                progress=False)
     assert isinstance(gn.model.bn, torch.nn.GroupNorm) and gn.model.bn.num_groups == 4
     assert gn.history.status == "done"
+
+
+def test_a_sweep_reruns_a_python_model_whose_file_changed(netfile):
+    from bnlab.train import TrainSettings
+
+    s = TrainSettings(dataset="digits", model=f"{netfile}:with_bn", bn="tutorial")
+    before = s.identity(threads=1)
+    assert TrainSettings(dataset="digits", model=f"{netfile}:with_bn", bn="tutorial").identity(threads=1) == before
+    netfile.write_text(netfile.read_text() + "\n# edited\n")
+    assert s.identity(threads=1) != before  # another network: its runs are new runs, not resumed ones
+    assert TrainSettings(dataset="digits", model="keras-mlp").identity() == TrainSettings(
+        dataset="digits", model="keras-mlp").identity()

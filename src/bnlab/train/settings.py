@@ -191,10 +191,14 @@ class TrainSettings:
         return {k: getattr(self, k) for k in BUILD_SETTINGS}
 
     def identity(self, threads: int | None = None) -> str:
-        """Stable 16-hex-digit identity of these settings (where the data lives left out) and,
-        when given, of the torch thread count the run uses (CPU kernels sum in another order
+        """Stable 16-hex-digit identity of these settings (where the data lives left out; for a
+        model in your own ``.py`` file, the file's SHA-256 put in, so an edited file is a new
+        run) and, when given, of the torch thread count the run uses (CPU kernels sum in another order
         with other thread counts, so results differ in the last digits): a sweep's run id."""
         d = self.resolved().to_dict()  # what runs: auto on a machine without a GPU is the cpu
+        code = _model_file_hash(self.model)
+        if code is not None:  # your own network's file: an edited file is another network
+            d["model_sha256"] = code
         if threads is not None:
             d["threads"] = threads
         return identity_hash(d)
@@ -213,6 +217,19 @@ class TrainSettings:
             hints = "".join(suggest(k, names) for k in sorted(unknown))
             raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}{hints} (known: {', '.join(names)})")
         return cls(**d)
+
+
+def _model_file_hash(model: str) -> str | None:
+    """The SHA-256 of the file of a ``path/to/file.py:factory`` model (None for other models or a
+    missing file, which building reports)."""
+    from bnlab.models.factory import is_reference, reference_spec
+
+    if not (is_reference(model) and model.split(":")[0].endswith(".py")):
+        return None
+    try:
+        return reference_spec(model)["python"]["sha256"]
+    except ConfigError:
+        return None
 
 
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
