@@ -47,11 +47,11 @@ def one_pass(train, model: str, options: dict, batch_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-images", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--model", default="fast-cnn")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported (default 3)")
+    ap.add_argument("--train-images", type=int, default=6000, help="training images per timed pass (default 6000)")
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    ap.add_argument("--model", default="fast-cnn", help="the network (default fast-cnn)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     train = bdata.load("fashion-mnist", "train").subset(args.train_images)
     train = train.standardized(bdata.Standardizer.fit(train, "zscore"))

@@ -81,10 +81,10 @@ def inference(train, rounds: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--train-images", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported (default 5)")
+    ap.add_argument("--train-images", type=int, default=6000, help="training images per timed pass (default 6000)")
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     train = bdata.load("fashion-mnist", "train")
     train = train.subset(args.train_images)
