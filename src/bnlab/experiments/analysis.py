@@ -303,9 +303,13 @@ def welch(va: list[float], vb: list[float]) -> tuple[float, float, float, float]
     diff = statistics.fmean(va) - statistics.fmean(vb)
     if len(va) < 2 or len(vb) < 2 or (statistics.stdev(va) == 0 and statistics.stdev(vb) == 0):
         return diff, math.nan, math.nan, math.nan
+    import warnings
+
     from scipy import stats
 
-    t, p = stats.ttest_ind(va, vb, equal_var=False)
+    with warnings.catch_warnings():  # identical values on one side (every run at chance) are fine here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t, p = stats.ttest_ind(va, vb, equal_var=False)
     sa, sb = statistics.variance(va) / len(va), statistics.variance(vb) / len(vb)
     df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1))
     return diff, t_critical(df) * math.sqrt(sa + sb), float(t), float(p)

@@ -67,6 +67,13 @@ def runs_of(store: RunStore, cfg: SweepConfig) -> list[dict]:
     return [r for r in rows(store.runs(cfg.name)) if belongs(r)]
 
 
+def _mean_of(runs: list[dict], key: str) -> float | None:
+    """The mean of a final metric over the runs that have one (a run that diverged in its first
+    epoch has none)."""
+    vals = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
+    return statistics.fmean(vals) if vals else None
+
+
 def comparison(store: RunStore, cfg: SweepConfig) -> dict:
     """Measured values next to the recipe's claim, per level of the claim's setting."""
     claim = cfg.claim or {}
@@ -85,8 +92,8 @@ def comparison(store: RunStore, cfg: SweepConfig) -> dict:
             by: level, "n": n, "claimed": (claim.get("values") or {}).get(str(level)),
             "measured_mean": statistics.fmean(vals) if vals else None, "measured_std": std,
             "measured_ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None, "at_epoch": at,
-            "final_train_acc": statistics.fmean([r["train_acc"] for r in finals]) if finals else None,
-            "final_test_acc": statistics.fmean([r["test_acc"] for r in finals if r["test_acc"] is not None]) if finals else None,
+            "final_train_acc": _mean_of(finals, "train_acc"),
+            "final_test_acc": _mean_of(finals, "test_acc"),
             "diverged": sum(r["status"] == "diverged" for r in finals),
         })
     out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),

@@ -35,7 +35,8 @@ def format_comparison(c: dict) -> str:
         if lv["at_epoch"] and c["epoch"] in reached and lv["at_epoch"] != c["epoch"]:
             meas += f" (epoch {lv['at_epoch']})"
         lines.append(f"{str(lv[c['by']]):<10} {pct(lv['claimed']):>9} {meas:>30} {lv['n']:>3} "
-                     f"{pct(lv['final_train_acc']):>12} {pct(lv['final_test_acc']):>11}")
+                     f"{pct(lv['final_train_acc']):>12} {pct(lv['final_test_acc']):>11}"
+                     + (f"  (+{lv['diverged']} diverged)" if lv.get("diverged") else ""))
     lines.append("(± is the 95% confidence half-width over seeds)")
     if c.get("figure"):
         lines.append(f"figure written to {c['figure']}")
