@@ -50,7 +50,7 @@ def test_groupnorm_smaller_than_quick_end_to_end(tmp_path):
     runs = cfg.runs()
     assert len(runs) == 6 * 2 * 2
     lrs = {(r.settings.batch_size, r.settings.lr) for r in runs}
-    assert lrs == {(4, 0.05 * 4 / 32), (64, 0.05 * 64 / 32)}  # the linear scaling rule
+    assert lrs == {(4, 0.1 * 4 / 32), (64, 0.1 * 64 / 32)}  # the linear scaling rule
     assert {cfg.case_label(r.settings.to_dict()) for r in runs} == {"BN", "Batch Renorm", "GN", "GN+WS", "LN", "IN"}
     db = str(tmp_path / "g.db")
     run_sweep(cfg, db, log=lambda m: None)
