@@ -33,6 +33,13 @@ def test_lr_range_quick_end_to_end(tmp_path, capsys):
     assert main(["reproduce", "lr-range", "--quick", "--seeds", "2", "--store", str(db), "-o", str(fig)]) == 0
     text = capsys.readouterr().out
     assert "bn=none" in text and "bn=after" in text and text.rstrip().endswith(c["verdict"].split(". ")[-1].rstrip())
+    # the sweep report opens with the same verdict and draws the metric against the setting
+    page = tmp_path / "r.html"
+    assert main(["report", "--store", str(db), "--sweep", c["sweep"], "-o", str(page)]) == 0
+    doc = page.read_text()
+    verdict_section = doc.split('<section id="verdict">')[1].split("</section>")[0]
+    assert __import__("html").escape(c["verdict"]) in verdict_section
+    assert "Test accuracy against lr</h2><img" in doc.replace("\n", "")
 
 
 def test_groupnorm_smaller_than_quick_end_to_end(tmp_path):

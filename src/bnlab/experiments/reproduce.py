@@ -47,8 +47,9 @@ def _values_at(store: RunStore, run_ids: list[str], metric: str, epoch: int | No
         chosen = next((e for e in eps if e["epoch"] == epoch), None) if epoch else None
         chosen = chosen or eps[-1]
         at = chosen["epoch"]
-        if chosen[metric] is not None and math.isfinite(chosen[metric]):
-            vals.append(chosen[metric])
+        value = _metric_value(chosen, metric)
+        if value is not None:
+            vals.append(value)
     return vals, at
 
 

@@ -348,9 +348,9 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
     the effect of ``by`` is tested separately within each experiment.
     """
     from bnlab.experiments.config import SweepConfig
-    from bnlab.experiments.reproduce import comparison, runs_of
+    from bnlab.experiments.reproduce import axis_comparison, comparison, runs_of
     from bnlab.report.interactive import sweep_view
-    from bnlab.report.plots import metric_name
+    from bnlab.report.plots import metric_name, metric_vs_axis
 
     cfg = store.sweep_config(sweep)
     versions = store.sweep_versions(sweep)
@@ -360,10 +360,17 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
     gridded = [k for k in cfg.get("grid", {}) if k in varied]
     by = by or (gridded or varied or [None])[0]
     claim = cfg.get("claim") or {}
+    along = None  # a claim about a numeric setting: its comparison, drawn against that setting
     if claim.get("text"):
         recipe = SweepConfig(cfg["name"], cfg["dataset"], cfg["seeds"], cfg.get("fixed", {}), cfg.get("grid", {}),
-                             claim)
-        verdict = _claim_verdict(comparison(store, recipe), runs_of(store, recipe))
+                             claim, cases=cfg.get("cases", []), scale_lr_with_batch=cfg.get("scale_lr_with_batch"))
+        if claim.get("axis"):
+            along = axis_comparison(store, recipe)
+            verdict = (f"<p class='answer'>Claim: {html.escape(claim['text'])}</p>"
+                       f"<p class='answer'>{html.escape(along.get('verdict') or 'No verdict: too few finished runs.')}"
+                       "</p>")
+        else:
+            verdict = _claim_verdict(comparison(store, recipe), runs_of(store, recipe))
     elif by:
         verdict = _effect_verdict(flat, by)
     else:
@@ -376,6 +383,12 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
         parts += ["<h2>Every run at a glance</h2>",
                   "<p class='note'>Interactive: hover for values, drag along an axis to select runs.</p>", view]
     with tempfile.TemporaryDirectory() as tmp:
+        if along is not None:
+            png = metric_vs_axis(along["series"], along["axis"], along["metric"], Path(tmp) / "axis.png",
+                                 by=along["by"], threshold=along.get("threshold"),
+                                 title=f"{sweep}: mean over seeds, 95% CI")
+            what = f"{metric_name(along['metric']).capitalize()} against {along['axis'].replace('_', ' ')}"
+            parts += [f"<h2>{what}</h2>", _img(png, what)]
         for metric in ("test_acc", "train_acc", "test_loss"):
             try:
                 png = plot_sweep(store, sweep, Path(tmp) / f"{metric}.png", metric, varied)
