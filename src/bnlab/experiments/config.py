@@ -145,16 +145,15 @@ class SweepConfig:
     def case_label(self, settings: dict) -> str | None:
         """The label of the case a run's settings (a dict, e.g. a results row) belong to
         (``None`` without cases, or when they match none)."""
-        for case, label in zip(self.full_cases(), self.case_labels()):
-            if all(settings.get(k) == v for k, v in case.items()):
-                return label
-        return None
+        return next((label for case, label in zip(self.full_cases(), self.case_labels())
+                     if all(settings.get(k) == v for k, v in case.items())), None)
 
     def full_cases(self) -> list[dict]:
         """Each case's settings with every setting any case links (a case that leaves one out
         runs with its default, e.g. ``weight_std = false``): what tells the cases apart."""
         linked = list(dict.fromkeys(k for c in self.cases for k in c if k != "label"))
-        return [{k: c.get(k, getattr(TrainSettings(), k)) for k in linked} for c in self.cases]
+        defaults = TrainSettings()
+        return [{k: c.get(k, getattr(defaults, k)) for k in linked} for c in self.cases]
 
     def to_dict(self) -> dict:
         """The config as plain values (what the run store records; ``source`` left out)."""

@@ -165,11 +165,14 @@ def axis_comparison(store: RunStore, cfg: SweepConfig) -> dict:
 
         def level_of(r):
             return str(r.get(by))
+    level_runs = {level: [] for level in levels}
+    for r in flat:
+        level_runs.setdefault(level_of(r), []).append(r)
     series = {}
     for level in levels:
         pts = []
         for x in sorted(cfg.grid.get(axis, [cfg.fixed.get(axis)])):
-            runs = [r for r in flat if level_of(r) == level and r.get(axis) == x]
+            runs = [r for r in level_runs[level] if r.get(axis) == x]
             vals = [v for r in runs if r["status"] == "done" and (v := _metric_value(r, metric)) is not None]
             n = len(vals)
             std = statistics.stdev(vals) if n > 1 else None

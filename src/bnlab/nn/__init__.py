@@ -9,7 +9,7 @@ from bnlab.nn import functional
 from bnlab.nn._backend import backend_name, set_backend
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, is_batchnorm
 from bnlab.nn.fold import FoldReport, fold_batchnorm, population_statistics, recalibrate_batchnorm
-from bnlab.nn.norms import (BATCH_INDEPENDENT, NORMS, WSConv2d, is_per_example_norm, norm_layer, standardize_weights,
+from bnlab.nn.norms import (NORMS, WSConv2d, is_per_example_norm, norm_layer, standardize_weights,
                             swap_norm)
 from bnlab.nn.variants import BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d
 
@@ -17,5 +17,5 @@ __all__ = [
     "functional", "backend_name", "set_backend", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "is_batchnorm",
     "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d",
     "FoldReport", "fold_batchnorm", "population_statistics", "recalibrate_batchnorm",
-    "NORMS", "BATCH_INDEPENDENT", "WSConv2d", "is_per_example_norm", "norm_layer", "standardize_weights", "swap_norm",
+    "NORMS", "WSConv2d", "is_per_example_norm", "norm_layer", "standardize_weights", "swap_norm",
 ]

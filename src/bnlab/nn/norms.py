@@ -37,7 +37,6 @@ from torch import nn
 from bnlab.errors import ConfigError
 
 NORMS = ("batch", "renorm", "ghost", "group", "layer", "instance", "none")
-BATCH_INDEPENDENT = ("group", "layer", "instance")  # per-example statistics: no running ones, nothing to fold
 BN_IMPLS = ("bnlab", "torch")
 PER_EXAMPLE = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -138,9 +137,14 @@ def warn_group_counts(model: nn.Module, groups: int) -> str | None:
 
 
 def _bn_dims(m: nn.Module) -> int:
-    # BatchNorm1d/2d/3d, torch's or bnlab's, and bnlab's variants all end in their dimension
-    name = type(m).__name__
-    return int(name[-2]) if name[-1] == "d" and name[-2] in "123" else 2
+    """1, 2 or 3: the flavour of a batch-norm layer (torch's, bnlab's or a bnlab variant); 2 for
+    one that says nothing (e.g. torch's SyncBatchNorm)."""
+    from bnlab.nn.batchnorm import _Dims1d, _Dims2d, _Dims3d
+
+    for d, mixin in ((1, _Dims1d), (2, _Dims2d), (3, _Dims3d)):
+        if isinstance(m, (getattr(nn, f"BatchNorm{d}d"), mixin)):
+            return d
+    return 2
 
 
 def swap_norm(model: nn.Module, norm: str, *, impl: str = "bnlab", groups: int = 32,

@@ -102,10 +102,12 @@ def build_model(s: TrainSettings, input_shape, num_classes: int) -> tuple[nn.Mod
 
 
 def check_model(s: TrainSettings, input_shape=None, num_classes: int | None = None) -> None:
-    """Fail now, with one line, if the settings' network cannot be built: an unknown name, a
-    missing or broken Python factory (without shapes: checked before any data is loaded), or
-    with ``input_shape`` and ``num_classes`` a network that does not fit the data or a BN
-    placement it does not have (built on the ``meta`` device: no memory, no weights)."""
+    """Fail now, with one line, if the settings' network cannot be built: an unknown name, or a
+    Python factory whose file, module or callable is missing (no shapes needed: ``bnlab train``
+    checks this before loading any data); with ``input_shape`` and ``num_classes``, a layer spec
+    that does not fit the data or lacks the BN placement asked for (built on the ``meta``
+    device: no memory, no weights). A Python factory is not built here: it may not run on meta
+    tensors, and its real build checks its output."""
     import torch
 
     spec = models.resolve_spec(s.model)
