@@ -150,10 +150,23 @@ def settings_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from bnlab.train import EpochPrinter, load_data, train
-    from bnlab.train.run import check_model, describe
+    from bnlab.train import distributed
 
     s = settings_from_args(args)
+    distributed.check_world(s.nproc)
+    if s.nproc > 1 and distributed.env_rank_world() is None:
+        _check_train_inputs(args, s)  # every user mistake is one line here, not N processes' tracebacks
+        return distributed.launch(args.argv, s.nproc)
+    with distributed.process_group(s.device) as (rank, world):
+        if world > 1:
+            s = s.resolved()  # nproc = the group's size (under torchrun)
+        return _train_and_report(args, s, lead=rank == 0)
+
+
+def _check_train_inputs(args, s):
+    from bnlab.train import load_data
+    from bnlab.train.run import check_model
+
     if args.output:
         from bnlab._files import check_writable
 
@@ -161,17 +174,31 @@ def cmd_train(args) -> int:
     check_model(s)
     data = load_data(s)
     check_model(s, data[0].input_shape, data[0].num_classes)
-    if not args.json:
+    return data
+
+
+def _train_and_report(args, s, lead: bool = True) -> int:
+    """Train and print; in a process group only rank 0 (``lead``) prints and writes files."""
+    from bnlab.inspect.landscape import format_landscape
+    from bnlab.train import EpochPrinter, load_data, train
+    from bnlab.train.run import describe
+
+    data = _check_train_inputs(args, s) if lead else load_data(s)
+    if not args.json and lead:
         print(describe(s, *data), flush=True)
-    res = train(s, datasets=data, callbacks=[] if args.json else [EpochPrinter()],
-                progress=False if (args.quiet or args.json) else None, checkpoint=args.output,
-                tensorboard=args.tensorboard)
+    res = train(s, datasets=data, callbacks=[] if (args.json or not lead) else [EpochPrinter()],
+                progress=False if (args.quiet or args.json or not lead) else None,
+                checkpoint=args.output if lead else None, tensorboard=args.tensorboard if lead else None)
+    if not lead:
+        return 0
     h, tracker = res.history, res.tracker
     out = {"status": h.status, "settings": s.to_dict(), "data": {"train": len(data[0]), "test": len(data[1]),
                                                                  "location": data[0].source},
            "epochs": h.epochs, "steps": h.steps, "stop_reason": h.stop_reason, "checkpoint": args.output}
     if tracker is not None:
         out["activations"] = tracker.summary()
+    if res.probe is not None:
+        out["landscape"] = res.probe.summary()
     if res.tensorboard is not None:
         out["tensorboard"] = str(res.tensorboard)
     if args.json:
@@ -182,6 +209,8 @@ def cmd_train(args) -> int:
         w1 = out["activations"]["ics_w1"]
         print(f"activation shift (mean W1 between snapshots every {s.track_every} steps): "
               + (f"{w1:.4f}" if w1 is not None else "not enough snapshots"))
+    if res.probe is not None:
+        print(format_landscape(out["landscape"], s.track_every))
     if h.status == "diverged":
         print(f"diverged: {h.stop_reason} (try a smaller --lr or --bn after)")
     elif final:
@@ -890,6 +919,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc N` runs it again N times
     warnings.showwarning = _show_warning
     try:
         return args.func(args) or 0

@@ -118,3 +118,36 @@ def test_standardizer_dict_round_trip():
     s = Standardizer("zscore", (72.9, 1.0), (90.0, 2.0))
     assert Standardizer.from_dict(s.to_dict()) == s
     np.testing.assert_allclose(s(torch.tensor([[72.9, 3.0]])).numpy(), [[0.0, 1.0]], atol=1e-6)
+
+
+def test_class_batches_are_non_iid_seeded_and_counted_ahead():
+    from bnlab.data.dataset import class_index_batches
+
+    labels = torch.tensor([0] * 37 + [1] * 20 + [2] * 33 + [3] * 10)
+    batches = class_index_batches(labels, 8, 2, generator=torch.Generator().manual_seed(1))
+    again = class_index_batches(labels, 8, 2, generator=torch.Generator().manual_seed(1))
+    other = class_index_batches(labels, 8, 2, generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again)) and len(batches) == len(again)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+    for b in batches:
+        cls, counts = labels[b].unique(return_counts=True)
+        assert len(cls) <= 2 and len(b) <= 8 and len(b) >= 2
+        assert all(c <= 4 or len(cls) == 1 for c in counts)  # 4 of each class (8 when two pieces of one met)
+    seen = torch.cat(batches)
+    assert len(seen.unique()) == len(seen)  # no example twice in an epoch
+    # every example but a class's last piece of one (37 = 9 * 4 + 1, 33 = 8 * 4 + 1)
+    assert len(seen) == 100 - 2
+    # the count depends only on the class counts, so the learning-rate schedule can know it
+    assert len(other) == len(batches) == -(-(9 + 5 + 8 + 3) // 2)
+
+
+def test_dataset_class_batches_and_their_errors():
+    x = torch.zeros(40, 2)
+    ds = Dataset("toy", "train", x, torch.arange(40) % 4, [str(i) for i in range(4)])
+    got = list(ds.batches(10, classes=2, generator=torch.Generator().manual_seed(0)))
+    assert len(got) == ds.num_batches(10, classes=2) == 4
+    assert all(len(y.unique()) <= 2 for _, y in got)
+    with pytest.raises(ConfigError, match="only 4 classes"):
+        ds.num_batches(10, classes=5)
+    with pytest.raises(ConfigError, match="divide the batch size"):
+        list(ds.batches(10, classes=3))

@@ -302,7 +302,8 @@ def test_ray_executor_on_local_two_cpu_ray(tmp_path):
 def test_reproduce_recipes_parse_and_adapt():
     from bnlab.experiments.reproduce import adapt, load_recipe, recipe_names
 
-    assert recipe_names() == ["cifar", "deeplizard", "groupnorm", "ioffe", "keras-mlp", "lr-range", "resnet20", "s4tf"]
+    assert recipe_names() == ["cifar", "deeplizard", "groupnorm", "ioffe", "keras-mlp", "lr-range", "renorm", "resnet20",
+                              "s4tf", "santurkar"]
     for name in recipe_names():
         cfg = load_recipe(name)
         assert cfg.claim.get("text") and cfg.runs()

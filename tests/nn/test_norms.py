@@ -128,7 +128,7 @@ class Residual(nn.Module):
 def test_swap_norm_on_any_model(norm):
     net = Residual()
     convert(net, to=norm, groups=4)
-    assert not any(is_batchnorm(m) for m in net.modules()) or norm in ("renorm", "ghost")
+    assert not any(is_batchnorm(m) for m in net.modules()) or norm in ("renorm", "ghost", "ghost-renorm", "noisy")
     if norm == "none":
         assert isinstance(net.bn, nn.Identity) and net.conv.bias is not None  # a shift where BN had one
     elif norm in ("group", "layer", "instance"):
@@ -145,7 +145,7 @@ def test_swap_back_to_batch_chooses_the_implementation():
     assert isinstance(net.bn, bnn.BatchNorm2d)
     net = convert(net, to="torch")
     assert type(net.bn) is nn.BatchNorm2d
-    with pytest.raises(ConfigError, match="use 'bnlab', 'torch' or a normalizer"):
+    with pytest.raises(ConfigError, match="use 'bnlab', 'torch', 'sync' or a normalizer"):
         convert(net, to="groupp")
 
 

@@ -179,6 +179,47 @@ def index_batches(
         yield order[start:end] if order is not None else slice(start, end)
 
 
+def class_index_batches(labels: torch.Tensor, batch_size: int, classes: int, *,
+                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Non-i.i.d. batches: each batch holds ``batch_size / classes`` examples of each of at most
+    ``classes`` classes (Ioffe 2017's non-i.i.d. minibatches).
+
+    Each class's examples are shuffled and cut into pieces of ``batch_size // classes``; the
+    pieces of all classes are shuffled together and every run of ``classes`` pieces is a batch
+    (two pieces of one class can meet, so "at most"). A class's last piece may be smaller; a
+    piece of one example is left out (a batch of one cannot be batch-normalized), so an epoch
+    skips at most one example per class. The number of batches depends only on the class counts.
+
+    Args:
+        labels: the int64 class of each example.
+        batch_size: examples per batch, a multiple of ``classes``.
+        classes: classes per batch, at least 1.
+        generator: the random source; the same seed gives the same batches.
+
+    Raises:
+        ConfigError: ``classes`` below 1 or not dividing ``batch_size``.
+
+    Example::
+
+        batches = class_index_batches(train.y, 32, 2, generator=torch.Generator().manual_seed(0))
+        train.y[batches[0]].unique()     # two classes, 16 examples each
+    """
+    if classes < 1 or batch_size % classes:
+        raise ConfigError(f"batches of {batch_size} from {classes} classes: the classes per batch must be at least 1 "
+                          "and divide the batch size")
+    per = batch_size // classes
+    pieces = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        pieces += [p for p in idx.split(per) if len(p) > 1 or per == 1]
+    order = torch.randperm(len(pieces), generator=generator).tolist()
+    batches = [torch.cat([pieces[i] for i in order[start:start + classes]]) for start in range(0, len(order), classes)]
+    if len(batches) > 1 and len(batches[-1]) == 1:  # only with one example per class and piece
+        batches.pop()
+    return batches
+
+
 @dataclass(repr=False)
 class Dataset:
     """One split of a dataset, held in memory.
@@ -265,6 +306,8 @@ class Dataset:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        classes: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(inputs, labels)``: float32 standardized inputs, int64 labels.
 
@@ -273,17 +316,40 @@ class Dataset:
             shuffle: a new random order; pass ``generator`` to make it reproducible.
             generator: the random source of the order (see :func:`index_batches`).
             drop_last: leave out the last batch when it is smaller than ``batch_size``.
+            classes: non-i.i.d. batches, each from at most this many classes (always shuffled;
+                see :func:`class_index_batches`; ``drop_last`` does not apply).
+            shard: ``(rank, world)``: data-parallel training; each batch of ``batch_size`` is cut
+                into ``world`` contiguous, near-equal parts and this yields part ``rank`` (every
+                rank draws the same order from the same seed, so the parts are disjoint).
 
         Example::
 
             for x, y in train.batches(1000, shuffle=True, generator=torch.Generator().manual_seed(0)):
                 loss = F.cross_entropy(net(x), y)
         """
-        for idx in index_batches(len(self), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
+        if classes is not None:
+            self._check_classes(classes)
+            order = class_index_batches(self.y, batch_size, classes, generator=generator)
+        else:
+            order = index_batches(len(self), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+        for idx in order:
+            if shard is not None:
+                if isinstance(idx, slice):
+                    idx = torch.arange(idx.start, idx.stop)
+                idx = idx.tensor_split(shard[1])[shard[0]]
             yield self.standardizer(self.x[idx]), self.y[idx]
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+    def _check_classes(self, classes: int) -> None:
+        present = len(self.y.unique())
+        if classes > present:
+            raise ConfigError(f"batches from {classes} classes: {self.name} has only {present} classes here "
+                              f"(batch_classes must be at most {present})")
+
+    def num_batches(self, batch_size: int, drop_last: bool = False, classes: int | None = None) -> int:
         """How many batches :meth:`batches` yields with these arguments."""
+        if classes is not None:
+            self._check_classes(classes)
+            return len(class_index_batches(self.y, batch_size, classes, generator=torch.Generator().manual_seed(0)))
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
 

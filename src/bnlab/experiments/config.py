@@ -405,10 +405,52 @@ def parse_config(d: dict, source: str = "config") -> SweepConfig:
         raise ConfigError(f"{source}: scale_lr_with_batch must be a whole number >= 1 (a batch size), got {scale!r}")
     cfg = SweepConfig(d["name"], d["dataset"], seeds, fixed, grid, d.get("claim", {}), d.get("description", ""), source,
                       quick=quick, cases=cases, scale_lr_with_batch=scale)
+    _check_contrasts(cfg, source)
     cfg.check()  # every value and model now, before anything runs (run_sweep checks every run)
     if quick:
         cfg.quick_size().check()
     return cfg
+
+
+def _check_contrasts(cfg: "SweepConfig", source) -> None:
+    """A claim's ``[[claim.contrasts]]`` name levels the sweep has and say what they expect."""
+    from bnlab.experiments.reproduce import EXPECTS
+
+    contrasts = (cfg.claim or {}).get("contrasts")
+    if contrasts is None:
+        return
+    if cfg.cases:
+        levels = cfg.case_labels()
+    else:
+        by = cfg.claim.get("by", "bn")
+        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
+    if not isinstance(contrasts, list) or not contrasts:
+        raise ConfigError(f"{source}: claim.contrasts must be [[claim.contrasts]] tables")
+    from bnlab.experiments.analysis import METRICS
+
+    for i, c in enumerate(contrasts, 1):
+        where = f"{source}: claim contrast {i}"
+        if not isinstance(c, dict):
+            raise ConfigError(f"{where} must be a [[claim.contrasts]] table, got {c!r}")
+        missing = [k for k in ("metric", "a", "b", "expect") if k not in c]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)} (each names metric, a, b and expect)")
+        if c["expect"] not in EXPECTS:
+            raise ConfigError(f"{where}: expect = {c['expect']!r}; choose one of {', '.join(EXPECTS)}")
+        metric = c["metric"]
+        if not (isinstance(metric, str) and (metric in METRICS or metric == "test_error" or metric.startswith("summary."))):
+            raise ConfigError(f"{where}: metric = {metric!r}; use one of {', '.join(METRICS)}, test_error or a "
+                              "run summary (summary.<key>, e.g. summary.beta)")
+        if "fraction" in c and not (isinstance(c["fraction"], (int, float)) and 0 < c["fraction"] <= 1):
+            raise ConfigError(f"{where}: fraction = {c['fraction']!r}; a number in (0, 1]")
+        if c["expect"] == "similar" and not isinstance(c.get("within"), (int, float)):
+            raise ConfigError(f"{where}: expect = 'similar' needs within = <largest difference>")
+        if c["expect"] == "recovers" and "of" not in c:
+            raise ConfigError(f"{where}: expect = 'recovers' needs of = <the level whose value is recovered>")
+        for key in ("a", "b", "of"):
+            if key in c and str(c[key]) not in levels:
+                raise ConfigError(f"{where}: {key} = {c[key]!r} is not a level of this sweep; levels: "
+                                  f"{', '.join(levels)}")
 
 
 RECIPES = Path(__file__).with_name("recipes")

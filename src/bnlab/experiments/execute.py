@@ -107,7 +107,8 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
     Returns:
         ``status`` is ``done``, ``diverged``, ``failed``, ``skipped`` (only ``run_id`` and
         ``status`` then) or ``lost``; ``epochs`` are the epoch records, ``summary`` and
-        ``activations`` the tracker's (empty without tracking), ``env`` where it ran.
+        ``activations`` the activation tracker's and landscape probe's (empty without them),
+        ``env`` where it ran.
 
     Example::
 
@@ -130,11 +131,10 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
         with store.heartbeats() if store is not None else nullcontext():
             s = TrainSettings.from_dict(settings)
             sink = StoreEpochs(store, run_id)
-            tracker = None
+            res = None
             try:
                 res = train(s, datasets=_datasets(s), callbacks=[sink], progress=False, tensorboard=tensorboard,
                             name=sweep, run_id=run_id)
-                tracker = res.tracker
                 status, error, stop = res.history.status, None, res.history.stop_reason
             except RunTakenOver:
                 return lost
@@ -142,11 +142,9 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
                 status, error, stop = "failed", str(e), None
             except Exception:  # noqa: BLE001 - a failed run must not take the sweep down; the store keeps the traceback
                 status, error, stop = "failed", traceback.format_exc(limit=8), None
-            summary, activations = {}, []
-            if tracker is not None:
-                summary = tracker.summary()
-                activations = [(r["step"], r["layer"], {k: v for k, v in r.items() if k not in ("step", "layer")})
-                               for r in tracker.records]
+            summary = res.summary() if res is not None else {}
+            activations = [(r["step"], r["layer"], {k: v for k, v in r.items() if k not in ("step", "layer")})
+                           for r in (res.records() if res is not None else [])]
             out = {"run_id": run_id, "status": status, "epochs": sink.all, "error": error, "stop_reason": stop,
                    "summary": summary, "env": env, "activations": activations}
             if store is not None:

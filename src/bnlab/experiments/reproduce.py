@@ -268,9 +268,183 @@ def _range_verdict(claim: dict, axis: str, ranges: dict, usable: float) -> str:
     return f"{head}. Does not reproduce: the range is narrower with {claim.get('by', 'bn')}={wider}."
 
 
+EXPECTS = ("higher", "lower", "similar", "not_lower", "not_higher", "recovers")
+
+
+def _level_runs(cfg: SweepConfig, flat: list[dict]) -> tuple[str, dict[str, list[dict]]]:
+    """The levels a claim compares (the cases by label, else the values of ``by``) and their runs."""
+    if cfg.cases:
+        by, levels, level_of = "case", cfg.case_labels(), cfg.case_label
+    else:
+        by = (cfg.claim or {}).get("by", "bn")
+        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
+
+        def level_of(r):
+            return str(r.get(by))
+    out = {level: [] for level in levels}
+    for r in flat:
+        out.setdefault(level_of(r), []).append(r)
+    return by, out
+
+
+def _stats(vals: list[float]) -> dict:
+    n = len(vals)
+    std = statistics.stdev(vals) if n > 1 else None
+    return {"n": n, "mean": statistics.fmean(vals) if vals else None, "std": std,
+            "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None}
+
+
+def contrast_comparison(store: RunStore, cfg: SweepConfig) -> dict:
+    """A claim made of contrasts between levels (``[[claim.contrasts]]``): each names a
+    ``metric`` (a final metric such as ``test_acc``/``test_error``, or a run summary such as
+    ``summary.beta``), two levels ``a`` and ``b`` (case labels, or values of the claim's ``by``)
+    and what the claim expects of ``a`` against ``b``:
+
+    - ``higher`` / ``lower``: significantly (Welch, p < 0.05) in that direction;
+    - ``not_lower`` / ``not_higher``: not significantly in that direction;
+    - ``similar``: the means differ by at most ``within`` (in the metric's units);
+    - ``recovers``: ``b`` is significantly off the level ``of`` and ``a`` closes at least
+      ``fraction`` (default 0.5) of that gap, significantly better than ``b``.
+
+    A contrast that cannot be tested (a side with one finished run, or no spread at all) has
+    ``holds = None`` and is counted as undecided.
+
+    Returns ``{"levels": {level: {metric: stats}}, "contrasts": [...], "verdict"}``: every level's
+    mean, std, 95% CI and n of each metric the contrasts use, each contrast with its difference
+    ``a - b``, Welch CI and p and whether it ``holds``, and the verdict: "Reproduces" when every
+    contrast holds, "Partly" when some do, "Does not reproduce" when none does.
+    """
+    claim = cfg.claim or {}
+    contrasts = claim.get("contrasts") or []
+    flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
+    by, level_runs = _level_runs(cfg, flat)
+    metrics = list(dict.fromkeys(c["metric"] for c in contrasts))
+
+    def values(level, metric):
+        return [v for r in level_runs.get(level, []) if r["status"] == "done" and (v := _metric_value(r, metric)) is not None]
+
+    levels = {level: {m: _stats(values(level, m)) for m in metrics} | {"runs": len(runs), "diverged": sum(
+        r["status"] == "diverged" for r in runs)} for level, runs in level_runs.items()}
+    results = []
+    for c in contrasts:
+        a, b, metric, expect = str(c["a"]), str(c["b"]), c["metric"], c["expect"]
+        if expect not in EXPECTS:
+            raise ConfigError(f"claim contrast expects {expect!r}: choose one of {', '.join(EXPECTS)}")
+        for level in (a, b, *([str(c["of"])] if expect == "recovers" else [])):
+            if level not in level_runs:
+                raise ConfigError(f"claim contrast names {level!r}, which is not a level of this sweep: "
+                                  f"{', '.join(level_runs)}")
+        va, vb = values(a, metric), values(b, metric)
+        res = {"metric": metric, "a": a, "b": b, "expect": expect, "n": (len(va), len(vb)), "holds": None,
+               "diff": None, "ci95": None, "p": None}
+        if va and vb:
+            diff, half, _, p = welch(va, vb)
+            res.update(diff=diff, ci95=half, p=p)
+            sig = not math.isnan(p) and p < 0.05
+            if math.isnan(p) and expect != "similar":  # no test possible (one seed, or no spread): no verdict
+                results.append(res)
+                continue
+            if expect == "higher":
+                res["holds"] = sig and diff > 0
+            elif expect == "lower":
+                res["holds"] = sig and diff < 0
+            elif expect == "not_lower":
+                res["holds"] = not (sig and diff < 0)
+            elif expect == "not_higher":
+                res["holds"] = not (sig and diff > 0)
+            elif expect == "similar":
+                res["within"] = float(c["within"])
+                res["holds"] = abs(diff) <= res["within"]
+            else:
+                ref = values(str(c["of"]), metric)
+                res["of"], res["fraction_needed"] = str(c["of"]), float(c.get("fraction", 0.5))
+                if ref:
+                    gap, _, _, p_gap = welch(ref, vb)
+                    res["gap"], res["gap_p"] = gap, p_gap
+                    res["fraction"] = diff / gap if gap else math.nan
+                    # a real gap (b significantly off the reference) that a closes significantly, far enough
+                    res["holds"] = bool(gap and p_gap < 0.05 and sig and diff * gap > 0
+                                        and res["fraction"] >= res["fraction_needed"])
+        results.append(res)
+    decided = [r for r in results if r["holds"] is not None]
+    held = sum(bool(r["holds"]) for r in decided)
+    open_ = len(results) - len(decided)
+    undecided = (f" ({open_} undecided: too few finished runs or no spread to test)" if open_ else "")
+    if not decided:
+        verdict = "No verdict: no contrast has two finished runs with a spread on both sides."
+    elif held == len(results):
+        verdict = f"Reproduces: all {held} contrasts hold."
+    elif held:
+        verdict = f"Partly: {held} of {len(results)} contrasts hold{undecided}."
+    else:
+        verdict = f"Does not reproduce: none of the {len(results)} contrasts holds{undecided}."
+    return {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),
+            "claim_dataset": claim.get("dataset") or cfg.claim_dataset or cfg.dataset, "by": by,
+            "metrics": metrics, "levels": levels, "contrasts": results, "verdict": verdict}
+
+
+def contrast_words(c: dict) -> str:
+    """One contrast of :func:`contrast_comparison` in words, e.g. ``BN vs Standard: beta lower by
+    12.3 (± 4.5, p = 0.001) — holds``."""
+    pct = c["metric"].endswith(("acc", "error"))
+    name = metric_name(c["metric"])
+
+    def amount(v):
+        return f"{v * 100:+.2f} points" if pct else f"{v:+.4g}"
+
+    wanted = {"higher": "higher", "lower": "lower", "not_lower": "not lower", "not_higher": "not higher",
+              "similar": f"within {c.get('within', 0) * 100 if pct else c.get('within', 0):g}{' points' if pct else ''}",
+              "recovers": f"recovers ≥ {c.get('fraction_needed', 0.5):.0%} of the gap to {c.get('of')}"}[c["expect"]]
+    head = f"{name}, {c['a']} vs {c['b']} (claim: {wanted})"
+    if c["diff"] is None:
+        return f"{head}: no finished runs on both sides"
+    if c["holds"] is None:
+        return f"{head}: {amount(c['diff'])}, n = {c['n'][0]}/{c['n'][1]} — undecided (too few runs to test)"
+    ci = "" if c["ci95"] is None or math.isnan(c["ci95"]) else f" ± {c['ci95'] * 100 if pct else c['ci95']:.3g}"
+    p = "" if c["p"] is None or math.isnan(c["p"]) else f", p = {c['p']:.2g}"
+    extra = (f", {c['fraction']:.0%} of the {abs(c['gap']) * 100 if pct else abs(c['gap']):.3g}{' point' if pct else ''}"
+             f" gap" if c.get("fraction") is not None and not math.isnan(c["fraction"]) else "")
+    return f"{head}: {amount(c['diff'])}{ci}{p}{extra}, n = {c['n'][0]}/{c['n'][1]} — " + (
+        "holds" if c["holds"] else "does not hold")
+
+
+def probe_series(store: RunStore, cfg: SweepConfig) -> dict:
+    """The landscape probe's measures over training (``track_landscape`` runs), per level:
+    ``{level: {"loss_range" | "beta" | "ics_l2" | "ics_cos": [(step, mean over seeds)]}}``
+    (``ics_*`` averaged over the layers first); empty when no run was probed."""
+    from bnlab.inspect.landscape import summarize_probes
+
+    flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
+    _, level_runs = _level_runs(cfg, flat)
+    out = {}
+    for level, runs in level_runs.items():
+        per: dict[str, dict[int, list[float]]] = {}
+        for r in runs:
+            by_step: dict[int, list[dict]] = {}
+            for rec in store.activations(r["run_id"]):
+                if rec["layer"] == "landscape" or str(rec["layer"]).startswith("ics:"):
+                    by_step.setdefault(rec["step"], []).append(rec)
+            for step, recs in by_step.items():
+                for k, v in summarize_probes(recs).items():
+                    if k != "grad_change":
+                        per.setdefault(k, {}).setdefault(step, []).append(v)
+        if per:
+            out[level] = {k: [(step, statistics.fmean(v)) for step, v in sorted(d.items())] for k, d in per.items()}
+    return out
+
+
+def claim_comparison(store: RunStore, cfg: SweepConfig) -> dict:
+    """The comparison a recipe's claim asks for: :func:`contrast_comparison` for contrasts,
+    :func:`axis_comparison` for a numeric axis, else :func:`comparison`."""
+    claim = cfg.claim or {}
+    if claim.get("contrasts"):
+        return contrast_comparison(store, cfg)
+    return axis_comparison(store, cfg) if claim.get("axis") else comparison(store, cfg)
+
+
 def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=None, data_dir=None, workers=1,
               executor="local", log=print, quick: bool = False) -> tuple[SweepConfig, dict]:
-    """Run a recipe (resuming what the store has) and return its config and :func:`comparison`.
+    """Run a recipe (resuming what the store has) and return its config and :func:`claim_comparison`.
     ``quick``: the recipe's ``--quick`` size (:meth:`SweepConfig.quick_size`). Figures are drawn
     by :mod:`bnlab.report.reproductions`."""
     cfg = load_recipe(name)
@@ -278,4 +452,4 @@ def reproduce(name: str, store_path: str, *, epochs=None, seeds=None, dataset=No
     overrides = {"data_dir": data_dir} if data_dir else None
     run_sweep(cfg, store_path, workers=workers, executor=executor, overrides=overrides, log=log)
     with RunStore(store_path) as store:
-        return cfg, (axis_comparison(store, cfg) if (cfg.claim or {}).get("axis") else comparison(store, cfg))
+        return cfg, claim_comparison(store, cfg)

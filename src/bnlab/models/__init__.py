@@ -69,14 +69,15 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
         bn: ``none``, ``before``/``after`` (the activation of every conv/dense layer but the
             last), or ``tutorial`` (the zoo entry's own placement).
         norm: the normalizer at each BN place: ``batch``, ``renorm``, ``ghost`` (virtual batches
-            of ``virtual_batch_size``), ``group`` (``norm_groups`` groups), ``layer``,
+            of ``virtual_batch_size``), ``ghost-renorm`` (batch renorm over virtual batches),
+            ``noisy`` (BN plus per-step noise), ``group`` (``norm_groups`` groups), ``layer``,
             ``instance`` or ``none`` (see :mod:`bnlab.nn.norms`). A Python model's BN layers are
             swapped for it (:func:`bnlab.nn.swap_norm`) unless its factory takes ``norm``.
         bn_impl: ``bnlab`` or ``torch`` layers.
         activation: replaces the spec's activation everywhere (a name in :data:`ACTIVATIONS`);
             ``None`` keeps it. Passed on to a Python factory that takes it.
         dropout: replaces the probability of every dropout layer; ``None`` keeps the spec's.
-        virtual_batch_size: examples per virtual batch of ``norm="ghost"``.
+        virtual_batch_size: examples per virtual batch of ``norm="ghost"`` and ``"ghost-renorm"``.
         norm_groups: GroupNorm's groups (capped at a divisor of the channels, with a warning).
         weight_std: make every ``Conv2d`` weight-standardized (:class:`bnlab.nn.WSConv2d`).
         seed: initialize the weights from ``torch.manual_seed(seed)``, exactly as ``bnlab train

@@ -208,8 +208,10 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
         to: ``bnlab`` replaces ``torch.nn.BatchNorm1d/2d/3d`` by bnlab's; ``torch`` the reverse;
             a normalizer name (``renorm``, ``ghost``, ``group``, ``layer``, ``instance``,
             ``none``; see :mod:`bnlab.nn.norms`) replaces every BN layer by a fresh one of that
-            kind (:func:`bnlab.nn.norms.swap_norm`).
-        **options: for a normalizer: ``impl``, ``groups``, ``virtual_batch_size``.
+            kind (:func:`bnlab.nn.norms.swap_norm`); ``sync`` makes every plain BN a
+            :class:`bnlab.nn.SyncBatchNorm` keeping its state (for data-parallel training).
+        **options: for a normalizer: ``impl``, ``groups``, ``virtual_batch_size``; for ``sync``:
+            ``process_group``.
 
     Returns:
         ``model``, changed in place; a bare BN module is returned converted, since it cannot be
@@ -229,6 +231,10 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
 
     if to in NORMS:
         return swap_norm(model, to, **options)
+    if to == "sync":
+        from bnlab.nn.sync import to_sync
+
+        return to_sync(model, **options)
     if options:
         from bnlab.errors import ConfigError
 
@@ -236,7 +242,7 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
     if to not in ("bnlab", "torch"):
         from bnlab.errors import ConfigError
 
-        raise ConfigError(f"convert(to={to!r}): use 'bnlab', 'torch' or a normalizer: {', '.join(NORMS)}")
+        raise ConfigError(f"convert(to={to!r}): use 'bnlab', 'torch', 'sync' or a normalizer: {', '.join(NORMS)}")
     src, dst = (TORCH_BN, BNLAB_BN) if to == "bnlab" else (BNLAB_BN, TORCH_BN)
 
     def swap(m: nn.Module) -> nn.Module:

@@ -6,6 +6,8 @@
 ``batch``     :class:`bnlab.nn.BatchNorm2d` (or torch's, ``impl="torch"``)       the batch, per channel
 ``renorm``    :class:`bnlab.nn.BatchRenorm2d` (Ioffe 2017)                       the batch, corrected
 ``ghost``     :class:`bnlab.nn.GhostBatchNorm2d` (Hoffer et al. 2017)            virtual batches
+``ghost-renorm`` :class:`bnlab.nn.BatchRenorm2d` with ``virtual_batch_size``     virtual batches, corrected
+``noisy``     :class:`bnlab.nn.NoisyBatchNorm2d` (Santurkar et al. 2018)         the batch, then noise
 ``group``     ``torch.nn.GroupNorm(G, C)`` (Wu & He 2018), ``G = groups``         each example, G groups
 ``layer``     ``torch.nn.GroupNorm(1, C)``: LayerNorm over (C, H, W)             each example
 ``instance``  ``torch.nn.InstanceNorm2d(C, affine=True)``                        each example, channel
@@ -36,7 +38,7 @@ from torch import nn
 
 from bnlab.errors import ConfigError
 
-NORMS = ("batch", "renorm", "ghost", "group", "layer", "instance", "none")
+NORMS = ("batch", "renorm", "ghost", "ghost-renorm", "noisy", "group", "layer", "instance", "none")
 BN_IMPLS = ("bnlab", "torch")
 PER_EXAMPLE = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -79,10 +81,11 @@ def norm_layer(norm: str, channels: int, *, dims: int = 2, impl: str = "bnlab", 
         impl: ``bnlab`` or ``torch`` for ``norm="batch"`` (the other kinds exist in one library).
         groups: GroupNorm's groups (see :func:`group_count`; :func:`warn_group_counts` says
             where fewer were used).
-        virtual_batch_size: ghost BN's virtual batch size.
+        virtual_batch_size: the virtual (micro-) batch of ``ghost`` and ``ghost-renorm``.
 
     Raises:
-        ConfigError: an unknown kind; ``renorm``/``ghost`` with ``impl="torch"``; ``instance``
+        ConfigError: an unknown kind; a bnlab-only kind (``renorm``, ``ghost``, ``ghost-renorm``,
+            ``noisy``) with ``impl="torch"``; ``instance``
             with ``dims=1`` (after a dense layer each channel has one value per example).
 
     Example::
@@ -101,13 +104,17 @@ def norm_layer(norm: str, channels: int, *, dims: int = 2, impl: str = "bnlab", 
     if norm == "batch":
         lib = nn if impl == "torch" else bnn
         return getattr(lib, f"BatchNorm{dims}d")(channels, **kw)
-    if norm in ("renorm", "ghost"):
+    if norm in ("renorm", "ghost", "ghost-renorm", "noisy"):
         if impl == "torch":
             raise ConfigError(f"norm={norm!r} exists only in bnlab: use bn_impl='bnlab'")
         if dims == 3:
             raise ConfigError(f"norm={norm!r} has 1d and 2d layers only")
         if norm == "renorm":
             return getattr(bnn, f"BatchRenorm{dims}d")(channels, **kw)
+        if norm == "ghost-renorm":
+            return getattr(bnn, f"BatchRenorm{dims}d")(channels, virtual_batch_size=virtual_batch_size, **kw)
+        if norm == "noisy":
+            return getattr(bnn, f"NoisyBatchNorm{dims}d")(channels, **kw)
         return getattr(bnn, f"GhostBatchNorm{dims}d")(channels, virtual_batch_size=virtual_batch_size, **kw)
     if norm == "group":
         return nn.GroupNorm(group_count(channels, groups)[0], channels, **kw)

@@ -262,3 +262,67 @@ def metric_vs_axis(series: dict, axis: str, metric: str, path: str | Path, *, by
         ax.set_title(title + ("; x = diverged" if marked else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+PROBE_PANELS = (("loss_range", "loss range along the gradient"), ("beta", "effective beta-smoothness"),
+                ("ics_l2", "gradient shift ||G - G'|| (mean over layers)"), ("ics_cos", "cos(G, G') (mean over layers)"))
+
+
+def contrast_figure(levels: dict, metrics: list[str], path: str | Path, *, probes: dict | None = None,
+                    title: str = "") -> Path:
+    """The figure of a claim made of contrasts between levels: one bar chart per final metric
+    (mean and 95% CI over seeds per level), and with ``probes`` the landscape probe's measures
+    over training (mean over seeds per level, one panel each).
+
+    Args:
+        levels: ``{level: {metric: {"mean", "ci95", "n"}}}`` as
+            :func:`bnlab.experiments.reproduce.contrast_comparison` gives them.
+        metrics: the metrics to draw as bars (``summary.*`` ones are drawn over training
+            instead when ``probes`` has them).
+        probes: ``{level: {key: [(step, mean)]}}`` (:func:`bnlab.experiments.reproduce.probe_series`).
+    """
+    probe_keys = [k for k, _ in PROBE_PANELS if probes and any(k in s for s in probes.values())]
+    bars = [m for m in metrics if not (m.startswith("summary.") and m[8:] in probe_keys)]
+    n = len(bars) + len(probe_keys)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = _figure(rows, cols, figsize=(4.6 * cols, 3.6 * rows))
+    flat = [ax for row in axes for ax in row]
+    names = list(levels)
+    for ax, metric in zip(flat, bars):
+        pct = metric.endswith(("acc", "error"))
+        means = [levels[lv][metric]["mean"] for lv in names]
+        cis = [levels[lv][metric]["ci95"] or 0 for lv in names]
+        xs = list(range(len(names)))
+        ax.bar(xs, [m if m is not None else 0 for m in means], yerr=cis, capsize=3,
+               color=[f"C{i}" for i in xs], alpha=0.85)
+        for x, m in zip(xs, means):
+            if m is not None:
+                ax.annotate(f"{m * 100:.1f}%" if pct else f"{m:.3g}", (x, m), textcoords="offset points",
+                            xytext=(0, 3), ha="center", fontsize=7)
+            else:
+                ax.annotate("no runs", (x, 0), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, [lv.replace(", ", ",\n") for lv in names], fontsize=7)
+        ax.set_ylabel(metric_name(metric))
+        if pct:
+            lo = min((m for m in means if m is not None), default=0)
+            ax.set_ylim(max(0.0, lo - 0.15), 1.0)
+        ax.set_title(metric_name(metric), fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for ax, key in zip(flat[len(bars):], probe_keys):
+        for i, lv in enumerate(names):
+            pts = (probes.get(lv) or {}).get(key) or []
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, color=f"C{i}", label=lv)
+        ax.set_xlabel("training step")
+        ax.set_title(dict(PROBE_PANELS)[key], fontsize=9)
+        if key in ("loss_range", "beta", "ics_l2"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -14,6 +14,8 @@ def format_comparison(c: dict) -> str:
     """The claim, a table of claimed vs measured values per level, and the verdicts."""
     if "series" in c:
         return format_axis_comparison(c)
+    if "contrasts" in c:
+        return format_contrast_comparison(c)
     def pct(v):
         return "-" if v is None else f"{v * 100:.2f}%"
 
@@ -70,10 +72,50 @@ def format_axis_comparison(c: dict) -> str:
     return "\n".join(head + rows + tail)
 
 
+def format_contrast_comparison(c: dict) -> str:
+    """A :func:`~bnlab.experiments.reproduce.contrast_comparison` as text: one row per level with
+    each metric's mean ± 95% CI, then each contrast in words, then the verdict."""
+    from bnlab.experiments.reproduce import contrast_words
+
+    def cell(st, metric):
+        if st["mean"] is None:
+            return "-"
+        pct = metric.endswith(("acc", "error"))
+        text = f"{st['mean'] * 100:.2f}%" if pct else f"{st['mean']:.4g}"
+        if st["ci95"]:
+            text += f" ± {st['ci95'] * 100:.2f}" if pct else f" ± {st['ci95']:.2g}"
+        return text
+
+    width = max([len(lv) for lv in c["levels"]] + [10])
+    names = [metric_name(m) for m in c["metrics"]]
+    lines = [f"{c['sweep']} on {c['dataset']}", f"claim: {c['claim']}"]
+    if c.get("claim_dataset") and c["claim_dataset"] != c["dataset"]:
+        lines.append(f"note: the claim is for {c['claim_dataset']}; these runs are on {c['dataset']}, so the claimed "
+                     "numbers are not expected here (the shape of the result is what compares)")
+    lines += ["", f"{c['by']:<{width}} " + " ".join(f"{n:>22}" for n in names) + "    n"]
+    for lv, st in c["levels"].items():
+        n = max((st[m]["n"] for m in c["metrics"]), default=0)
+        lines.append(f"{lv:<{width}} " + " ".join(f"{cell(st[m], m):>22}" for m in c["metrics"]) + f" {n:>4}"
+                     + (f"  (+{st['diverged']} diverged)" if st.get("diverged") else ""))
+    lines.append("(final values; ± is the 95% confidence half-width over seeds)")
+    if c.get("figure"):
+        lines.append(f"figure written to {c['figure']}")
+    lines += [""] + [f"- {contrast_words(x)}" for x in c["contrasts"]] + ["", c["verdict"]]
+    return "\n".join(lines)
+
+
 def reproduction_figure(store: RunStore, cfg: SweepConfig, path: str | Path) -> Path | None:
-    """The recipe's own figure, if it has one: the BN paper's Fig. 1 (ioffe), or the metric
-    against a numeric grid axis (a claim with ``axis``); else ``None``."""
-    from bnlab.report.plots import ioffe_fig1, metric_vs_axis
+    """The recipe's own figure, if it has one: the BN paper's Fig. 1 (ioffe), the metric
+    against a numeric grid axis (a claim with ``axis``), or the levels' bars and landscape
+    probes of a claim made of contrasts; else ``None``."""
+    from bnlab.report.plots import contrast_figure, ioffe_fig1, metric_vs_axis
+
+    if (cfg.claim or {}).get("contrasts"):
+        from bnlab.experiments.reproduce import contrast_comparison, probe_series
+
+        c = contrast_comparison(store, cfg)
+        return contrast_figure(c["levels"], c["metrics"], path, probes=probe_series(store, cfg),
+                               title=f"{cfg.name} on {cfg.dataset}: mean of {len(cfg.seeds)} seed(s), 95% CI")
 
     if (cfg.claim or {}).get("axis"):
         from bnlab.experiments.reproduce import axis_comparison

@@ -348,9 +348,10 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
     the effect of ``by`` is tested separately within each experiment.
     """
     from bnlab.experiments.config import SweepConfig
-    from bnlab.experiments.reproduce import axis_comparison, comparison, runs_of
+    from bnlab.experiments.reproduce import (axis_comparison, comparison, contrast_comparison, contrast_words,
+                                             probe_series, runs_of)
     from bnlab.report.interactive import sweep_view
-    from bnlab.report.plots import metric_name, metric_vs_axis
+    from bnlab.report.plots import contrast_figure, metric_name, metric_vs_axis
 
     cfg = store.sweep_config(sweep)
     versions = store.sweep_versions(sweep)
@@ -361,10 +362,16 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
     by = by or (gridded or varied or [None])[0]
     claim = cfg.get("claim") or {}
     along = None  # a claim about a numeric setting: its comparison, drawn against that setting
+    contrasted = None  # a claim made of contrasts between levels: its comparison and the probes' curves
     if claim.get("text"):
         recipe = SweepConfig(cfg["name"], cfg["dataset"], cfg["seeds"], cfg.get("fixed", {}), cfg.get("grid", {}),
                              claim, cases=cfg.get("cases", []), scale_lr_with_batch=cfg.get("scale_lr_with_batch"))
-        if claim.get("axis"):
+        if claim.get("contrasts"):
+            contrasted = contrast_comparison(store, recipe), probe_series(store, recipe)
+            items = "".join(f"<li>{html.escape(contrast_words(x))}</li>" for x in contrasted[0]["contrasts"])
+            verdict = (f"<p class='answer'>Claim: {html.escape(claim['text'])}</p><ul>{items}</ul>"
+                       f"<p class='answer'>{html.escape(contrasted[0]['verdict'])}</p>")
+        elif claim.get("axis"):
             along = axis_comparison(store, recipe)
             verdict = (f"<p class='answer'>Claim: {html.escape(claim['text'])}</p>"
                        f"<p class='answer'>{html.escape(along.get('verdict') or 'No verdict: too few finished runs.')}"
@@ -388,6 +395,12 @@ def html_report(store: RunStore, sweep: str, path: str | Path, by: str | None = 
                                  by=along["by"], threshold=along.get("threshold"),
                                  title=f"{sweep}: mean over seeds, 95% CI")
             what = f"{metric_name(along['metric']).capitalize()} against {along['axis'].replace('_', ' ')}"
+            parts += [f"<h2>{what}</h2>", _img(png, what)]
+        if contrasted is not None:
+            c, probes = contrasted
+            png = contrast_figure(c["levels"], c["metrics"], Path(tmp) / "contrasts.png", probes=probes,
+                                  title=f"{sweep}: mean over seeds, 95% CI")
+            what = "The compared levels" + (" and the landscape probes over training" if probes else "")
             parts += [f"<h2>{what}</h2>", _img(png, what)]
         for metric in ("test_acc", "train_acc", "test_loss"):
             try:

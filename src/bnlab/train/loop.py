@@ -90,7 +90,8 @@ class TrainState:
 
     ``model`` and ``optimizer`` are the live objects being trained; ``history`` the run's
     :class:`History` so far; ``epoch`` the current epoch (from 1; 0 in ``on_train_begin``);
-    ``step`` the optimizer steps taken so far; ``batch_loss`` the last batch's loss. A callback
+    ``step`` the optimizer steps taken so far; ``batch_loss`` the last batch's loss; ``batch`` the
+    ``(inputs, labels)`` of the current step, on the training device. A callback
     sets ``stop = True`` (and ``stop_reason``, a sentence for the history) to end training after
     the current epoch.
     """
@@ -101,6 +102,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     batch_loss: float = 0.0
+    batch: tuple | None = None
     stop: bool = False
     stop_reason: str | None = None
 
@@ -230,10 +232,46 @@ def _progress_bar(total: int, desc: str, enabled: bool | None):
                 dynamic_ncols=True, file=sys.stderr)
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of its ``torch.distributed`` group ((0, 1) without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_finite(loss: float, world: int) -> bool:
+    """Whether every process's loss is finite (all processes stop together, or none does)."""
+    if world == 1:
+        return math.isfinite(loss)
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+def _sum_over_ranks(*values: float) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: float = 0.01, batch_size: int = 1000,
         epochs: int = 1, seed: int = 0, momentum: float = 0.9, weight_decay: float = 0.0,
         augment: Augment | bool | None = None, callbacks=(), progress: bool | None = None,
-        schedule: str = "constant", device: str | torch.device | None = None) -> History:
+        schedule: str = "constant", device: str | torch.device | None = None,
+        batch_classes: int | None = None) -> History:
     """Train ``model`` on ``train`` (a :class:`bnlab.data.Dataset`) and evaluate on ``test``.
 
     Same seed, same data and same model state give an identical history on CPU: the seed drives
@@ -261,6 +299,17 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             first) or None (where the model already is). Batches move there one at a time;
             augmentation runs on the CPU before the move, so results do not depend on the device's
             random number generator.
+        batch_classes: non-i.i.d. batches, each drawn from at most this many classes
+            (:func:`bnlab.data.dataset.class_index_batches`); ``None``: shuffled i.i.d. batches.
+
+    In a ``torch.distributed`` process group of W processes (``bnlab train --nproc W`` or
+    ``torchrun``), every process calls ``fit`` with the same arguments: the model is wrapped in
+    ``DistributedDataParallel``, each step's batch of ``batch_size * W`` examples (the same
+    seeded order everywhere) is cut into W contiguous parts, one per process, and the epoch's
+    training loss and accuracy are summed over the processes. Before each evaluation every process
+    takes rank 0's buffers (its running statistics, which the checkpoint keeps), and when a
+    callback on any process stops training, all stop. The parts of a last, smaller step may be
+    unequal; each process's mean loss counts equally there.
 
     Returns:
         the run's :class:`History`.
@@ -285,11 +334,20 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     history = History()
     state = TrainState(model, opt, history)
-    # A last batch of one example cannot be batch-normalized; drop it (it changes nothing else).
-    drop_last = len(train) % batch_size == 1
-    n_batches = train.num_batches(batch_size, drop_last)
+    rank, world = _rank_world()
+    net = model
+    if world > 1:  # data parallel: each process takes its part of every step's batch of batch_size * world
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    step_batch = batch_size * world
+    # A last batch (or a process's part of it) of one example cannot be batch-normalized; drop it.
+    left = len(train) % step_batch
+    drop_last = bool(left) and left // world < 2
+    shard = (rank, world) if world > 1 else None
+    n_batches = train.num_batches(step_batch, drop_last, classes=batch_classes)
     if n_batches == 0:
-        raise ConfigError(f"{len(train)} training example(s) with batch size {batch_size} give no training step "
+        raise ConfigError(f"{len(train)} training example(s) with batch size {step_batch} give no training step "
                           "(batch norm cannot use a batch of one): use more training data (--train-limit)")
     callbacks = list(callbacks)
     began = []
@@ -305,16 +363,18 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
             loss_sum, correct, seen = 0.0, 0, 0
             bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
             diverged = False
-            for x, y in train.batches(batch_size, shuffle=True, generator=shuffle_gen, drop_last=drop_last):
+            for x, y in train.batches(step_batch, shuffle=True, generator=shuffle_gen, drop_last=drop_last,
+                                      classes=batch_classes, shard=shard):
                 if augment:
                     x = augment(x, augment_gen)
                 x, y = to_device(x, device), to_device(y, device)
+                state.batch = (x, y)
                 for cb in callbacks:
                     cb.on_batch_begin(state)
-                out = model(x)
+                out = net(x)
                 loss = F.cross_entropy(out, y)
                 batch_loss = loss.item()
-                if not math.isfinite(batch_loss):
+                if not _all_finite(batch_loss, world):
                     diverged = True
                     break
                 opt.zero_grad(set_to_none=True)
@@ -339,13 +399,20 @@ def fit(model: nn.Module, train, test=None, *, optimizer: str = "adam", lr: floa
                 history.status = "diverged"
                 history.stop_reason = f"non-finite loss at epoch {epoch}, step {state.step + 1}"
                 break
+            if world > 1:  # the epoch's training figures over every process's examples
+                loss_sum, correct, seen = _sum_over_ranks(loss_sum, correct, seen)
             record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+            if world > 1:  # every process evaluates rank 0's model: its running statistics (the checkpoint's)
+                _broadcast_buffers(model)
             if test is not None:
                 record["test_loss"], record["test_acc"] = evaluate_loss_acc(model, test)
             record["seconds"] = time.perf_counter() - t0
             history.epochs.append(record)
             for cb in callbacks:
                 cb.on_epoch_end(state)
+            if world > 1 and _sum_over_ranks(float(state.stop))[0] > 0:  # one stops, all stop
+                state.stop = True
+                state.stop_reason = state.stop_reason or "another process's callback stopped training"
             if state.stop:
                 history.stop_reason = state.stop_reason
                 break

@@ -26,7 +26,8 @@ from bnlab.train.settings import TrainSettings
 class RunResult:
     """What :func:`train` returns: the trained ``model`` (eval mode), its ``history``, the
     validated ``settings``, the network ``spec`` and ``build`` options, the data splits, and the
-    activation ``tracker`` and ``tensorboard`` directory when the run had them.
+    activation ``tracker``, the landscape ``probe`` (``track_landscape``) and the ``tensorboard``
+    directory when the run had them.
 
     Example::
 
@@ -43,6 +44,15 @@ class RunResult:
     test: bdata.Dataset
     tracker: ActivationTracker | None = None
     tensorboard: Path | None = None
+    probe: "LandscapeProbe | None" = None
+
+    def records(self) -> list[dict]:
+        """The tracker's and the probe's records, as a sweep stores them (empty without either)."""
+        return [*(self.tracker.records if self.tracker else ()), *(self.probe.records if self.probe else ())]
+
+    def summary(self) -> dict:
+        """The tracker's and the probe's summaries in one dict (empty without either)."""
+        return {**(self.tracker.summary() if self.tracker else {}), **(self.probe.summary() if self.probe else {})}
 
 
 def load_data(s: TrainSettings) -> tuple[bdata.Dataset, bdata.Dataset]:
@@ -123,14 +133,15 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
           checkpoint: str | Path | None = None, datasets=None, tensorboard: str | Path | None = None,
           name: str = "train", run_id: str | None = None) -> RunResult:
     """One run, composed from its settings: data, network, and the callbacks the settings ask for
-    (activation tracking, early stopping) after ``callbacks``; then the checkpoint.
+    (activation tracking, the landscape probe, early stopping) after ``callbacks``; then the checkpoint.
 
     Args:
         settings: the run's :class:`TrainSettings` (validated here).
         callbacks: extra :class:`Callback` instances (e.g. :class:`EpochPrinter`).
         progress: progress bar (None: only in a terminal or notebook).
         checkpoint: write the trained network here (checked for writability first); tracked
-            activation records are saved in it under ``extra["activations"]``.
+            activation records are saved in it under ``extra["activations"]``, landscape probe
+            records under ``extra["landscape"]``.
         datasets: ``(train, test)`` to skip loading (sweeps reuse data across runs).
         tensorboard: write TensorBoard event files under ``tensorboard/<name>/<run_id>``
             (``run_id`` defaults to the settings' identity hash).
@@ -151,11 +162,27 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         res.history.test_acc
     """
     s = settings.validate().resolved()  # the checkpoint and the history record where it ran
+    import torch.distributed as dist
+
+    if s.nproc > 1 and not (dist.is_available() and dist.is_initialized()):
+        from bnlab.errors import ConfigError
+
+        raise ConfigError(f"nproc={s.nproc}: a data-parallel run needs its processes: start it with "
+                          f"'bnlab train --nproc {s.nproc} ...' or torchrun (a sweep runs each run in one process)")
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")  # now, not after an hour of training
     train_ds, test_ds = datasets if datasets is not None else load_data(s)
     model, spec, build = build_model(s, train_ds.input_shape, train_ds.num_classes)
+    if s.sync_bn:
+        from bnlab.nn import convert
+
+        convert(model, to="sync")  # plain BN in a single process; synchronized under --nproc / torchrun
     cbs = list(callbacks)
+    from bnlab.inspect.landscape import LandscapeProbe
+
+    probe = LandscapeProbe.for_settings(s)  # before the tracker: its extra passes come before the tracker arms
+    if probe is not None:
+        cbs.append(probe)
     tracker = ActivationTracker.for_settings(s, test_ds)
     if tracker is not None:
         cbs.append(tracker)
@@ -170,12 +197,13 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
     history = fit(model, train_ds, test_ds, optimizer=s.optimizer, lr=s.lr, batch_size=s.batch_size,
                   epochs=s.epochs, seed=s.seed, momentum=s.momentum, weight_decay=s.weight_decay,
                   augment=Augment() if s.augment else None, callbacks=cbs, progress=progress, schedule=s.schedule,
-                  device=s.device)
+                  device=s.device, batch_classes=s.batch_classes)
     if checkpoint is not None:
         _save_or_rescue(checkpoint, model, spec=spec, build=build, standardizer=train_ds.standardizer,
                         classes=train_ds.classes, settings=s.to_dict(), history=history.to_dict(),
-                        extra={"activations": tracker.records} if tracker is not None else None)
-    return RunResult(model, history, s, spec, build, train_ds, test_ds, tracker, tb.dir if tb is not None else None)
+                        extra={k: v.records for k, v in (("activations", tracker), ("landscape", probe)) if v} or None)
+    return RunResult(model, history, s, spec, build, train_ds, test_ds, tracker, tb.dir if tb is not None else None,
+                     probe)
 
 
 def _save_or_rescue(path, model, **contents) -> None:
@@ -210,14 +238,20 @@ def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str
     """A run's effective settings, as ``bnlab train`` prints them before training."""
     shown = ["weight_decay", "dropout", "early_stopping"]
     shown += ["momentum"] if s.optimizer == "momentum" else []
-    shown += ["virtual_batch_size"] if s.norm == "ghost" else []
+    shown += ["virtual_batch_size"] if s.norm in ("ghost", "ghost-renorm") else []
     shown += ["norm_groups"] if s.norm == "group" else []
     shown += ["weight_std"]
     extras = [f"{k} {getattr(s, k)}" for k in shown if getattr(s, k) not in (None, 0, 0.0, False)]
     if s.augment:
         extras.append("augment")
+    if s.batch_classes:
+        extras.append(f"each batch from {s.batch_classes} classes")
+    batch = f"batch size {s.batch_size}"
+    if s.nproc > 1:
+        batch = (f"{s.nproc} processes x batch size {s.batch_size} = {s.nproc * s.batch_size} per step, "
+                 + ("BN synchronized" if s.sync_bn else "BN per process"))
     return (f"{s.model} (bn={s.bn}, norm={s.norm}, bn_impl={s.bn_impl}, activation={s.activation or 'as defined'}) on {train.name}: "
             f"{len(train)} train / {len(test)} test examples, standardize={s.standardize}, from {train.source or '?'}\n"
-            f"{s.optimizer} lr {s.lr:g} ({s.schedule} schedule), batch size {s.batch_size}, {s.epochs} epoch(s), "
+            f"{s.optimizer} lr {s.lr:g} ({s.schedule} schedule), {batch}, {s.epochs} epoch(s), "
             f"seed {s.seed}" + "".join(f", {e}" for e in extras)
             + f"; device {device_text(s.device)}")

@@ -90,13 +90,14 @@ class TrainSettings:
     bn: str = setting("none", "where BN goes: none, before/after every activation, or the tutorial's own placement",
                       choices=BN_PLACEMENTS)
     bn_impl: str = setting("bnlab", "bnlab's BN layers or torch's", choices=BN_IMPLS)
-    norm: str = setting("batch", "the normalizer at each BN place: batch, renorm (batch renorm), ghost, group, "
-                                 "layer, instance or none", choices=NORMS)
+    norm: str = setting("batch", "the normalizer at each BN place: batch, renorm (batch renorm), ghost, ghost-renorm "
+                                 "(renorm over virtual batches), noisy (BN + per-step noise), group, layer, "
+                                 "instance or none", choices=NORMS)
     norm_groups: int = setting(32, "--norm group: groups per layer (capped at a divisor of its channels)", minimum=1,
                                added=32)
     weight_std: bool = setting(False, "weight standardization of every conv (Qiao et al. 2019; with --norm group)",
                                added=False)
-    virtual_batch_size: int = setting(32, "ghost BN's virtual batch size", minimum=2)
+    virtual_batch_size: int = setting(32, "the virtual (micro-) batch of --norm ghost and ghost-renorm", minimum=2)
     activation: str | None = setting(None, "override the network's activation", choices=tuple(ACTIVATIONS))
     dropout: float | None = setting(None, "override the probability of the network's dropout layers",
                                     minimum=0.0, below=1.0)
@@ -106,6 +107,9 @@ class TrainSettings:
     momentum: float = setting(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
     weight_decay: float = setting(0.0, "L2 weight decay (adamw: decoupled; 0 means adamw's 0.01)", minimum=0.0)
     batch_size: int = setting(1000, "examples per training step", minimum=1)
+    batch_classes: int | None = setting(None, "non-i.i.d. batches: draw each training batch from this many classes "
+                                              "(batch size / K examples of each)", minimum=1, metavar="K",
+                                        added=None)
     epochs: int = setting(1, "passes over the training data", minimum=1)
     seed: int = setting(0, "seeds initialization, shuffling, augmentation and dropout", minimum=0)
     standardize: str = setting("zscore", "input standardization, statistics from the train split",
@@ -120,11 +124,18 @@ class TrainSettings:
     early_stopping: int | None = setting(None, "stop when the test loss has not improved for this many epochs",
                                          minimum=1, metavar="PATIENCE")
     track_activations: bool = setting(False, "record the input percentiles of every nonlinearity during training")
-    track_every: int = setting(100, "with --track-activations: a snapshot every K steps", minimum=1, flag="--every",
+    track_every: int = setting(100, "with --track-activations or --track-landscape: a snapshot every K steps", minimum=1, flag="--every",
                                metavar="K")
     track_test_acc: bool = setting(False, "with --track-activations: also the test accuracy at every snapshot")
+    track_landscape: bool = setting(False, "every --every steps, probe the loss landscape along the gradient and "
+                                           "each layer's gradient shift (Santurkar et al. 2018)", added=False)
     device: str = setting("auto", "where to train: auto picks cuda, then mps, then cpu", choices=DEVICES,
                           added="cpu")
+    nproc: int = setting(1, "train this run data-parallel in N processes on this machine (DistributedDataParallel "
+                            "over gloo; nccl on CUDA); --batch-size is per process, so each step sees N times "
+                            "as many examples", minimum=1, metavar="N", added=1)
+    sync_bn: bool = setting(False, "with --nproc: batch statistics over every process's examples (bnlab's "
+                                   "SyncBatchNorm); without it each process normalizes its own examples", added=False)
     extra: dict = field(default_factory=dict, metadata={"help": None})
 
     def validate(self) -> "TrainSettings":
@@ -169,6 +180,17 @@ class TrainSettings:
         if self.bn != "none" and self.batch_size < 2:
             raise ConfigError(f"batch_size={self.batch_size} with bn={self.bn}: batch norm needs at least 2 values "
                               "per channel in every training batch: use a batch size of 2 or more (or bn=none)")
+        if self.batch_classes is not None and self.batch_size % self.batch_classes:
+            raise ConfigError(f"batch_classes={self.batch_classes} does not divide batch_size={self.batch_size}: each "
+                              "batch takes the same number of examples from each of its classes; pick a batch size "
+                              f"that is a multiple of {self.batch_classes}")
+        if self.batch_classes is not None and self.nproc > 1:
+            raise ConfigError("batch_classes with nproc > 1: each process would get a part of a class-skewed batch "
+                              "(one class each, with 2 classes and 2 processes); run non-i.i.d. batches in one "
+                              "process (--nproc 1)")
+        if self.track_landscape and self.nproc > 1:
+            raise ConfigError("track_landscape with nproc > 1: the landscape probe evaluates the network at other "
+                              "weights in one process; probe a single-process run (--nproc 1)")
         resolve_device(self.device)  # a device this machine lacks is refused now, before any data loads
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
@@ -182,8 +204,12 @@ class TrainSettings:
 
     def resolved(self) -> "TrainSettings":
         """A copy with ``device="auto"`` replaced by the device it picks here (``cpu``, ``cuda`` or
-        ``mps``): what a run records, so its stored settings say where it ran."""
-        return dataclasses.replace(self, device=resolve_device(self.device).type)
+        ``mps``), and ``nproc`` by the world size of the process group this process is in (under
+        ``torchrun``): what a run records, so its stored settings say where and how it ran."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else self.nproc
+        return dataclasses.replace(self, device=resolve_device(self.device).type, nproc=world)
 
     def build_options(self) -> dict:
         """The keyword arguments of :func:`bnlab.models.build` these settings ask for (without the
