@@ -1,6 +1,6 @@
 """Training time of fast-cnn on Fashion-MNIST with each normalizer, relative to batch norm.
 
-The same network (bn=after, seed 0) with norm = batch, renorm, ghost, group, layer, instance
+The same network (bn=after, seed 0) with norm = batch, renorm, ghost, ghost-renorm, noisy, group, layer, instance
 (instance only where every BN place is a feature map: fast-cnn has a dense BN, so it is
 skipped and said so), group + weight standardization, and none; Adam, batch 128, one pass over
 the first ``--train-images`` training images with bnlab.train.fit. Rounds alternate the
@@ -27,7 +27,8 @@ from bnlab import models
 from bnlab.errors import ConfigError
 from bnlab.train import fit
 
-VARIANTS = {"batch": {}, "renorm": {"norm": "renorm"}, "ghost": {"norm": "ghost"}, "group": {"norm": "group"},
+VARIANTS = {"batch": {}, "renorm": {"norm": "renorm"}, "ghost": {"norm": "ghost"},
+            "ghost-renorm": {"norm": "ghost-renorm"}, "noisy": {"norm": "noisy"}, "group": {"norm": "group"},
             "group+WS": {"norm": "group", "weight_std": True}, "layer": {"norm": "layer"},
             "instance": {"norm": "instance"}, "none": {"norm": "none"}}
 

@@ -169,3 +169,27 @@ def test_spec_values_of_the_wrong_type_are_config_errors(bad):
                                     {"type": "dense", "out": "classes"}]}
     with pytest.raises(ConfigError, match="t: layer 2: "):
         build(spec, input_shape=(1, 12, 12), num_classes=3)
+
+
+def test_bn_momentum_reaches_every_bn_layer_and_is_checked():
+    import bnlab.nn as bnn
+    from bnlab.errors import ConfigError
+    from bnlab.nn import is_batchnorm
+    from bnlab.train import TrainSettings
+
+    for norm in ("batch", "renorm", "ghost-renorm", "noisy"):
+        net = models.build("fast-cnn", bn="before", norm=norm, bn_momentum=0.01, input_shape=(1, 28, 28), num_classes=10)
+        bns = [m for m in net.modules() if is_batchnorm(m)]
+        assert len(bns) == 4 and all(m.momentum == 0.01 for m in bns)
+    net = models.build("fast-cnn", bn="before", input_shape=(1, 28, 28), num_classes=10)
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, bnn.BatchNorm2d))  # the layers' own
+    with pytest.raises(ConfigError, match=r"bn_momentum must be in \(0, 1\]"):
+        TrainSettings(bn_momentum=0.0).validate()
+    with pytest.raises(ConfigError, match="batch_classes=3 does not divide batch_size=32"):
+        TrainSettings(batch_size=32, batch_classes=3).validate()
+    with pytest.raises(ConfigError, match="batch_classes with nproc > 1"):
+        TrainSettings(batch_size=32, batch_classes=2, nproc=2).validate()
+    # older runs had none of these settings: their identity is unchanged at the old values
+    assert TrainSettings().identity() == TrainSettings(bn_momentum=None, batch_classes=None, nproc=1, sync_bn=False,
+                                                       track_landscape=False).identity()
+    assert TrainSettings(bn_momentum=0.01).identity() != TrainSettings().identity()

@@ -57,7 +57,7 @@ def resolve_spec(name_or_spec) -> dict:
 def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm: str = "batch",
           bn_impl: str = "bnlab", activation: str | None = None, dropout: float | None = None,
           virtual_batch_size: int = 32, norm_groups: int = 32, weight_std: bool = False,
-          seed: int | None = None) -> nn.Module:
+          bn_momentum: float | None = None, seed: int | None = None) -> nn.Module:
     """Build a network by zoo name, spec file, Python factory or spec dict, with BN placed as asked.
 
     Args:
@@ -78,6 +78,8 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
             ``None`` keeps it. Passed on to a Python factory that takes it.
         dropout: replaces the probability of every dropout layer; ``None`` keeps the spec's.
         virtual_batch_size: examples per virtual batch of ``norm="ghost"`` and ``"ghost-renorm"``.
+        bn_momentum: the weight of each batch in every BN layer's running averages (torch's
+            ``momentum``; Keras' ``1 - momentum``); ``None`` keeps the layers' own (0.1).
         norm_groups: GroupNorm's groups (capped at a divisor of the channels, with a warning).
         weight_std: make every ``Conv2d`` weight-standardized (:class:`bnlab.nn.WSConv2d`).
         seed: initialize the weights from ``torch.manual_seed(seed)``, exactly as ``bnlab train
@@ -111,6 +113,15 @@ def build(name_or_spec, *, input_shape, num_classes: int, bn: str = "none", norm
                              virtual_batch_size=virtual_batch_size, norm_groups=norm_groups)
     if norm == "group" and torch.get_default_device().type != "meta":
         warn_group_counts(model, norm_groups)
+    if bn_momentum is not None:
+        from bnlab.nn import is_batchnorm
+
+        if not 0 < bn_momentum <= 1:
+            raise ConfigError(f"bn_momentum must be in (0, 1] (the weight of each batch in the running averages), "
+                              f"got {bn_momentum!r}")
+        for m in model.modules():
+            if is_batchnorm(m):
+                m.momentum = float(bn_momentum)
     return standardize_weights(model) if weight_std else model
 
 

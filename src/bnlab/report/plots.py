@@ -286,9 +286,10 @@ def contrast_figure(levels: dict, metrics: list[str], path: str | Path, *, probe
     n = len(bars) + len(probe_keys)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = _figure(rows, cols, figsize=(4.6 * cols, 3.6 * rows))
-    flat = [ax for row in axes for ax in row]
     names = list(levels)
+    width = max(4.6, 1.3 * len(names))  # room for every level's label under its bar
+    fig, axes = _figure(rows, cols, figsize=(width * cols, 3.6 * rows))
+    flat = [ax for row in axes for ax in row]
     for ax, metric in zip(flat, bars):
         pct = metric.endswith(("acc", "error"))
         means = [levels[lv][metric]["mean"] for lv in names]
@@ -296,13 +297,8 @@ def contrast_figure(levels: dict, metrics: list[str], path: str | Path, *, probe
         xs = list(range(len(names)))
         ax.bar(xs, [m if m is not None else 0 for m in means], yerr=cis, capsize=3,
                color=[f"C{i}" for i in xs], alpha=0.85)
-        for x, m in zip(xs, means):
-            if m is not None:
-                ax.annotate(f"{m * 100:.1f}%" if pct else f"{m:.3g}", (x, m), textcoords="offset points",
-                            xytext=(0, 3), ha="center", fontsize=7)
-            else:
-                ax.annotate("no runs", (x, 0), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(xs, [lv.replace(", ", ",\n") for lv in names], fontsize=7)
+        values = [("no runs" if m is None else f"{m * 100:.1f}%" if pct else f"{m:.3g}") for m in means]
+        ax.set_xticks(xs, [f"{lv.replace(', ', chr(10))}\n{v}" for lv, v in zip(names, values)], fontsize=7)
         ax.set_ylabel(metric_name(metric))
         if pct:
             lo = min((m for m in means if m is not None), default=0)

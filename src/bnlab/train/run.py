@@ -236,7 +236,7 @@ def device_text(device: str) -> str:
 
 def describe(s: TrainSettings, train: bdata.Dataset, test: bdata.Dataset) -> str:
     """A run's effective settings, as ``bnlab train`` prints them before training."""
-    shown = ["weight_decay", "dropout", "early_stopping"]
+    shown = ["weight_decay", "dropout", "early_stopping", "bn_momentum"]
     shown += ["momentum"] if s.optimizer == "momentum" else []
     shown += ["virtual_batch_size"] if s.norm in ("ghost", "ghost-renorm") else []
     shown += ["norm_groups"] if s.norm == "group" else []

@@ -23,7 +23,8 @@ from bnlab.train.loop import SCHEDULES
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 # the settings models.build takes (the network's shape, not its training)
-BUILD_SETTINGS = ("bn", "norm", "bn_impl", "activation", "dropout", "virtual_batch_size", "norm_groups", "weight_std")
+BUILD_SETTINGS = ("bn", "norm", "bn_impl", "activation", "dropout", "virtual_batch_size", "norm_groups", "weight_std",
+                  "bn_momentum")
 
 
 _ORIGINAL = object()
@@ -97,6 +98,9 @@ class TrainSettings:
                                added=32)
     weight_std: bool = setting(False, "weight standardization of every conv (Qiao et al. 2019; with --norm group)",
                                added=False)
+    bn_momentum: float | None = setting(None, "the weight of each batch in BN's running averages (torch's momentum; "
+                                              "Keras' 1 - momentum); default: the layers' own, 0.1", minimum=0.0,
+                                        metavar="RATE", added=None)
     virtual_batch_size: int = setting(32, "the virtual (micro-) batch of --norm ghost and ghost-renorm", minimum=2)
     activation: str | None = setting(None, "override the network's activation", choices=tuple(ACTIVATIONS))
     dropout: float | None = setting(None, "override the probability of the network's dropout layers",
@@ -184,6 +188,9 @@ class TrainSettings:
             raise ConfigError(f"batch_classes={self.batch_classes} does not divide batch_size={self.batch_size}: each "
                               "batch takes the same number of examples from each of its classes; pick a batch size "
                               f"that is a multiple of {self.batch_classes}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise ConfigError(f"bn_momentum must be in (0, 1] (the weight of each batch in the running averages), "
+                              f"got {self.bn_momentum!r}")
         if self.batch_classes is not None and self.nproc > 1:
             raise ConfigError("batch_classes with nproc > 1: each process would get a part of a class-skewed batch "
                               "(one class each, with 2 classes and 2 processes); run non-i.i.d. batches in one "
