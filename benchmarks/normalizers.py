@@ -79,7 +79,7 @@ def main() -> int:
         return 0
     print(f"{res['machine']}\n{args.model}, {len(train)} images, batch {args.batch_size}, median of {args.rounds}:")
     for k, v in med.items():
-        print(f"  {k:<9} {v:6.2f} s   x{res['ratio_to_batch'][k]:.2f} of batch norm")
+        print(f"  {k:<12} {v:6.2f} s   x{res['ratio_to_batch'][k]:.2f} of batch norm")
     for k, why in skipped.items():
         print(f"  {k:<9} skipped: {why}")
     return 0
