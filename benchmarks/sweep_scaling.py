@@ -1,9 +1,11 @@
-"""Sweep throughput: the same 4 small runs with 1 worker (2 threads) vs 2 workers (1 thread each).
+"""Sweep throughput: the same 4 small runs in 1 process (1 or 2 threads), 2 processes (1 thread each) and --workers auto.
 
 Small runs: the BN paper's MLP on Fashion-MNIST, batch 60, 4 epochs (4,000 steps, ~5 s), with and
 without BN, 2 seeds. A second case runs 4 deeplizard CNNs (batch 100, 10,000 images, 2 epochs),
-where one process already keeps both cores busy. Both sweeps write to fresh stores; the wall
-time includes spawning the workers and loading the data in them.
+where one process already keeps both cores busy. Every sweep is a ``bnlab sweep`` command, as
+a user runs it, on a fresh store; its wall time includes starting Python and torch and the
+workers and loading the data in them. The ratios are the best
+single-process setting's time over the other's (above 1 = faster than one process can be).
 
     python benchmarks/sweep_scaling.py [--rounds 2] [--mlp-epochs 4] [--json]
 """
@@ -13,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bnlab.experiments import parse_config, run_sweep
+from bnlab.experiments import parse_config
 
 CONFIGS = {
     "mlp": {"name": "scaling-mlp", "dataset": "fashion-mnist", "seeds": [0, 1],
@@ -31,37 +35,56 @@ CONFIGS = {
 }
 
 
-def timed(config: dict, workers: int) -> float:
-    cfg = parse_config(config)
+def _toml(config: dict) -> str:
+    lines = [f'name = "{config["name"]}"', f'dataset = "{config["dataset"]}"', f"seeds = {config['seeds']}", "[fixed]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in config["fixed"].items()]
+    lines += ["[grid]"] + [f"{k} = {json.dumps(v)}" for k, v in config["grid"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def timed(config: dict, workers, threads=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.toml"
+        path.write_text(_toml(config))
+        cmd = [sys.executable, "-m", "bnlab", "sweep", str(path), "--store", str(Path(tmp) / "s.db"), "--quiet",
+               "--workers", str(workers)] + (["--threads", str(threads)] if threads else [])
         t0 = time.perf_counter()
-        run_sweep(cfg, str(Path(tmp) / "s.db"), workers=workers, log=lambda m: None)
+        subprocess.run(cmd, check=True, capture_output=True)
         return time.perf_counter() - t0
+
+
+SETTINGS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1),
+            "auto": ("auto", None)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="sweeps of each setting (median reported)")
     ap.add_argument("--mlp-epochs", type=int, default=4, help="epochs per MLP run (start-up is amortized over them)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     CONFIGS["mlp"]["fixed"]["epochs"] = args.mlp_epochs
+    from bnlab.experiments.sweep import auto_workers, check_runs
+
     results = {}
     for case, config in CONFIGS.items():
-        one, two = [], []
+        times = {k: [] for k in SETTINGS}
         for _ in range(args.rounds):
-            one.append(timed(config, 1))
-            two.append(timed(config, 2))
-        r = {"one_worker_s": statistics.median(one), "two_workers_s": statistics.median(two), "runs": 4,
-             "all": {"one": one, "two": two}}
-        r["speedup"] = r["one_worker_s"] / r["two_workers_s"]
-        results[case] = r
+            for k, (w, t) in SETTINGS.items():
+                times[k].append(timed(config, w, t))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        best = min(med["1 process x 1 thread"], med["1 process x 2 threads"])
+        workers, threads, why = auto_workers(check_runs(parse_config(config)))
+        results[case] = {"seconds": med, "all": times, "runs": 4, "auto_chose": f"{workers} x {threads} ({why})",
+                         "ratio_to_best_single_process": {k: best / m for k, m in med.items()}}
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for case, r in results.items():
-        print(f"{case}: 4 runs, 1 worker {r['one_worker_s']:.1f} s, 2 workers {r['two_workers_s']:.1f} s "
-              f"(medians of {args.rounds}): throughput x{r['speedup']:.2f} (goal >= 1.8)")
+        print(f"{case}: 4 runs, medians of {args.rounds}; auto chose {r['auto_chose']}")
+        for k, m in r["seconds"].items():
+            print(f"  {k:<24} {m:6.1f} s   x{r['ratio_to_best_single_process'][k]:.2f} of the best single process")
+    print("goals: mlp 2 processes (auto) >= x1.8; cnn auto >= x1.0")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,19 @@ def _finite(x):
     return x
 
 
+def _workers(text: str):
+    """``--workers``: a positive whole number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or auto, got {text!r}")
+    return n
+
+
 def settings_from_args(args):
     """The TrainSettings named by the parsed options (every setting has its option, see below)."""
     from bnlab.train import TrainSettings
@@ -278,6 +291,7 @@ def cmd_sweep(args) -> int:
     """Exit status: 0 when every run is done or diverged; 1 when a run failed or was interrupted
     (a line on stderr says which and how to see them); 3 when the only unfinished runs are still
     running in another process (run the command again later); 2 on an error, before any run."""
+    _early_workers(args)
     from bnlab.experiments import load_config, parse_sets, run_sweep
 
     cfg = load_config(args.config).override(parse_sets(args.set))
@@ -528,7 +542,17 @@ def cmd_plot_activations(args) -> int:
     return 0
 
 
+def _early_workers(args) -> None:
+    """Start the sweep workers' fork server before this process imports torch: both import it
+    at once, on different cores (see bnlab.experiments.workers)."""
+    if args.executor == "local" and args.workers != 1:
+        from bnlab.experiments.workers import start_worker_server
+
+        start_worker_server()
+
+
 def cmd_reproduce(args) -> int:
+    _early_workers(args)
     from bnlab.experiments import RunStore
     from bnlab.errors import DataNotFoundError
     from bnlab.experiments.reproduce import reproduce
@@ -582,7 +606,8 @@ def cmd_demo(args) -> int:
     cfg = adapt(load_recipe("deeplizard"), epochs=args.epochs, seeds=args.seeds)
     store_path = f"{out}/bnlab.db"
     say(f"\nsweep {cfg.name}: deeplizard-cnn with bn=none and bn=tutorial, {args.epochs} epochs, "
-        f"{args.seeds} seeds, Adam lr 0.01, batch 1000 ({args.workers} workers)")
+        f"{args.seeds} seeds, Adam lr 0.01, batch 1000 ("
+        + ("workers chosen for the network" if args.workers == "auto" else f"{args.workers} workers") + ")")
     run_sweep(cfg, store_path, workers=args.workers, overrides={"data_dir": args.data_dir} if args.data_dir else None,
               log=(lambda m: None) if args.json else print)
     with RunStore(store_path) as store:
@@ -772,7 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="fix a setting for this sweep, e.g. --set epochs=1 --set train_limit=10000 (repeatable; "
                         "a gridded setting becomes fixed; --set seeds=[0,1]); recorded in the stored config")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (torch threads = cores / N)")
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                   help="parallel worker processes (torch threads = cores / N); auto (default): one per core for "
+                        "dense networks, one using every core for convolutional ones")
     p.add_argument("--threads", type=int, help="torch threads per worker (same value = bit-identical results)")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="where runs execute")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
@@ -881,7 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds (default: the recipe's)")
     p.add_argument("--dataset", help="run the recipe on another dataset (e.g. fashion-mnist when MNIST is absent)")
     _add_data_dir(p)
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                   help="parallel worker processes (default auto: see bnlab sweep --help)")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="where runs execute")
     p.add_argument("-o", "--output", "--figure", dest="output", metavar="PNG",
                    help="where to write the recipe's figure (ioffe: the Fig. 1 trio, <sweep>-fig1.png; a sweep over "
@@ -896,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the demo's files")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per setting (default 2)")
-    p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                   help="parallel workers (default auto: one process using both cores for the demo's CNN)")
     _add_json(p)
     p.set_defaults(func=cmd_demo)
 

@@ -105,3 +105,31 @@ def test_a_contrast_that_names_no_level_is_refused_when_the_config_loads(tmp_pat
     bad.write_text(text.replace('expect = "recovers"', 'expect = "recover"', 1))
     with pytest.raises(ConfigError, match="claim contrast 2: expect = 'recover'; choose one of higher"):
         load_config(str(bad))
+
+
+def test_syncbn_runs_data_parallel_runs_from_a_sweep(tmp_path):
+    """A sweep's run with nproc = 2 starts its own 2 processes; SyncBN on 2 x 4 gives what one
+    process on 8 gives, run by run."""
+    import dataclasses
+
+    from bnlab.experiments.reproduce import runs_of
+
+    cfg = load_config("syncbn").quick_size().override({"train_limit": 160, "test_limit": 200})
+    cfg = dataclasses.replace(cfg, seeds=[0])
+    db = str(tmp_path / "syncbn.db")
+    run_sweep(cfg, db, log=lambda m: None)
+    with RunStore(db) as store:
+        c = contrast_comparison(store, cfg)
+        rows_ = runs_of(store, cfg)
+        fig = reproduction_figure(store, cfg, tmp_path / "syncbn.png")
+    assert len(rows_) == 6 and all(r["status"] == "done" for r in rows_)
+    by = {cfg.case_label(r): r for r in rows_}
+    assert by["2 x 4, SyncBN"]["nproc"] == 2 and by["1 x 8"]["nproc"] == 1
+    for sync, one in (("2 x 4, SyncBN", "1 x 8"), ("2 x 8, SyncBN", "1 x 16")):
+        assert by[sync]["test_acc"] == pytest.approx(by[one]["test_acc"], abs=0.01)
+        assert by[sync]["train_loss"] == pytest.approx(by[one]["train_loss"], rel=1e-3)
+    assert by["2 x 4, BN per process"]["train_loss"] != pytest.approx(by["1 x 8"]["train_loss"], rel=1e-3)
+    similar = [x for x in c["contrasts"] if x["expect"] == "similar"]
+    assert len(similar) == 2 and all(x["holds"] for x in similar)
+    assert all(x["holds"] is None for x in c["contrasts"] if x["expect"] != "similar")  # one seed: no test
+    assert "undecided" in c["verdict"] and fig.read_bytes()[:4] == b"\x89PNG"

@@ -303,7 +303,7 @@ def test_reproduce_recipes_parse_and_adapt():
     from bnlab.experiments.reproduce import adapt, load_recipe, recipe_names
 
     assert recipe_names() == ["cifar", "deeplizard", "groupnorm", "ioffe", "keras-mlp", "lr-range", "renorm", "resnet20",
-                              "s4tf", "santurkar"]
+                              "s4tf", "santurkar", "syncbn"]
     for name in recipe_names():
         cfg = load_recipe(name)
         assert cfg.claim.get("text") and cfg.runs()
@@ -319,3 +319,41 @@ def test_settings_hash_ignores_data_dir():
 
     assert run_id(TrainSettings(data_dir="/a")) == run_id(TrainSettings(data_dir="/b"))
     assert run_id(TrainSettings(lr=0.1)) != run_id(TrainSettings(lr=0.2))
+
+
+def test_workers_auto_follows_the_networks(tmp_path, capsys):
+    from bnlab.experiments.sweep import auto_workers, check_runs
+
+    assert auto_workers({"conv": False, "nproc": 1}, cores=2)[:2] == (2, 1)   # dense: one process per core
+    assert auto_workers({"conv": True, "nproc": 1}, cores=2)[:2] == (1, 2)    # conv: one process, every core
+    assert auto_workers({"conv": False, "nproc": 2}, cores=4)[:2] == (1, 4)   # runs with processes of their own
+    assert auto_workers({"conv": True, "nproc": 1}, "ray", cores=3)[:2] == (3, 1)
+    dense = load_config(write_config(tmp_path / "d.toml", name="d", seeds=(0,)))
+    assert check_runs(dense) == {"conv": False, "nproc": 1}
+    conv = parse_config({"name": "c", "dataset": "fashion-mnist", "seeds": [0], "fixed": {"bn": "after"},
+                         "grid": {"model": ["keras-mlp", "deeplizard-cnn"]}})
+    assert check_runs(conv)["conv"] is True  # one convolutional network in the grid decides
+    lines = []
+    s = run_sweep(dense, tmp_path / "a.db", workers="auto", log=lines.append)
+    cores = len(os.sched_getaffinity(0))
+    # 2 runs (one seed, bn none/after): at most that many processes, one thread each
+    assert s.threads == 1 and f"{min(cores, 2)} worker(s), 1 thread(s) each (auto: dense networks" in lines[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(tmp_path / "d.toml"), "--store", str(tmp_path / "b.db"), "--workers", "two"])
+    assert exit_.value.code == 2
+    assert "--workers: expected a positive whole number or auto, got 'two'" in capsys.readouterr().err
+
+
+def test_workers_use_the_drivers_directory_for_relative_paths(tmp_path, monkeypatch):
+    """Workers forked from a fork server started elsewhere still read and write where the
+    driver means: a relative store path lands in the driver's directory."""
+    from bnlab.experiments.workers import start_worker_server
+
+    start_worker_server()  # started here, in the test's directory
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")
+    cfg = load_config(write_config(tmp_path / "w" / "c.toml", seeds=(0,)))
+    s = run_sweep(cfg, "rel.db", workers=2, log=quiet)
+    assert set(s.finished.values()) == {"done"} and len(s.finished) == 2
+    with RunStore(tmp_path / "w" / "rel.db") as st:
+        assert {r["status"] for r in st.runs()} == {"done"}

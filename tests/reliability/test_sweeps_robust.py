@@ -219,7 +219,7 @@ def test_failed_runs_make_the_sweep_exit_1_and_say_where_to_look(tmp_path, capsy
     monkeypatch.setattr(ex, "train", flaky)
     p = write_config(tmp_path / "c.toml")
     db = str(tmp_path / "s.db")
-    assert main(["sweep", str(p), "--store", db, "--quiet", "--json"]) == 1
+    assert main(["sweep", str(p), "--store", db, "--quiet", "--json", "--workers", "1"]) == 1  # in this process
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert summary["counts"] == {"done": 1, "failed": 1} and summary["failed"] == 1 and summary["exit_status"] == 1

@@ -316,7 +316,8 @@ def welch(va: list[float], vb: list[float]) -> tuple[float, float, float, float]
 
 
 METRIC_NAMES = {"test_acc": "test accuracy", "train_acc": "training accuracy", "test_loss": "test loss",
-                "train_loss": "training loss", "seconds": "seconds per epoch", "test_error": "test error"}
+                "train_loss": "training loss", "seconds": "seconds per epoch", "test_error": "test error",
+                "train_test_gap": "train - test accuracy"}
 
 
 def metric_name(metric: str) -> str:

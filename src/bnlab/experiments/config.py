@@ -438,9 +438,10 @@ def _check_contrasts(cfg: "SweepConfig", source) -> None:
         if c["expect"] not in EXPECTS:
             raise ConfigError(f"{where}: expect = {c['expect']!r}; choose one of {', '.join(EXPECTS)}")
         metric = c["metric"]
-        if not (isinstance(metric, str) and (metric in METRICS or metric == "test_error" or metric.startswith("summary."))):
-            raise ConfigError(f"{where}: metric = {metric!r}; use one of {', '.join(METRICS)}, test_error or a "
-                              "run summary (summary.<key>, e.g. summary.beta)")
+        if not (isinstance(metric, str) and (metric in METRICS or metric in ("test_error", "train_test_gap")
+                                             or metric.startswith("summary."))):
+            raise ConfigError(f"{where}: metric = {metric!r}; use one of {', '.join(METRICS)}, test_error, "
+                              "train_test_gap or a run summary (summary.<key>, e.g. summary.beta)")
         if "fraction" in c and not (isinstance(c["fraction"], (int, float)) and 0 < c["fraction"] <= 1):
             raise ConfigError(f"{where}: fraction = {c['fraction']!r}; a number in (0, 1]")
         if c["expect"] == "similar" and not isinstance(c.get("within"), (int, float)):

@@ -20,6 +20,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -133,8 +134,16 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             sink = StoreEpochs(store, run_id)
             res = None
             try:
-                res = train(s, datasets=_datasets(s), callbacks=[sink], progress=False, tensorboard=tensorboard,
-                            name=sweep, run_id=run_id)
+                if s.nproc > 1:  # a data-parallel run: its own processes, started from here
+                    from bnlab.train.distributed import train_in_processes
+
+                    per_rank = max(1, (threads or cpu_count()) // s.nproc)  # the run's threads, shared by its processes
+                    res = train_in_processes(s, threads=per_rank, tensorboard=tensorboard, name=sweep, run_id=run_id)
+                    for i in range(len(res.history.epochs)):  # into the store as train() would have written them
+                        sink.on_epoch_end(SimpleNamespace(history=SimpleNamespace(epochs=res.history.epochs[:i + 1])))
+                else:
+                    res = train(s, datasets=_datasets(s), callbacks=[sink], progress=False, tensorboard=tensorboard,
+                                name=sweep, run_id=run_id)
                 status, error, stop = res.history.status, None, res.history.stop_reason
             except RunTakenOver:
                 return lost
@@ -163,18 +172,38 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             store.close()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet collected, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): the signal check decides
+        return True
+
+
 def watch_parent(parent_pid: int, interval: float = 0.5, on_gone=None) -> threading.Thread:
-    """Call ``on_gone`` (default: end this process at once) as soon as ``parent_pid`` is no longer
-    this process's parent, checked every ``interval`` seconds from a daemon thread.
+    """Call ``on_gone`` (default: end this process at once) as soon as process ``parent_pid``
+    (the sweep's driver) is gone or a zombie, checked every ``interval`` seconds from a daemon
+    thread.
 
     A driver killed with SIGKILL cannot stop its workers; without this they would live on,
     orphaned, holding runs. Their runs stay ``running`` with a dead pid, and the next sweep
-    reruns them."""
+    reruns them. The driver need not be the worker's parent (a fork server's workers are the
+    server's children, and the server lives as long as any of them does)."""
     def gone():
         os._exit(1)
 
     def watch():
-        while os.getppid() == parent_pid:
+        while _alive(parent_pid):
             time.sleep(interval)
         (on_gone or gone)()
 
@@ -196,8 +225,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_start(driver_pid: int) -> None:
-    """Initializer of each worker process of a local sweep: die with the driver."""
+def _worker_start(driver_pid: int, cwd: str | None = None) -> None:
+    """Initializer of each worker process of a local sweep: work in the driver's directory (a
+    fork server's workers start in the server's, which may be another by now), and die with the
+    driver (the kernel kills a spawned worker with its parent; the watchdog covers a fork
+    server's workers, whose parent is the server)."""
+    if cwd is not None:
+        os.chdir(cwd)  # relative store, data, model and TensorBoard paths mean what they meant to the driver
     _die_with_parent()
     watch_parent(driver_pid)
 
@@ -212,8 +246,10 @@ class Task:
 def run_local(tasks, store_path: str, workers: int, tensorboard: str | None, sweep: str, report,
               threads: int | None = None, lease: float = DEFAULT_LEASE) -> None:
     """Run tasks (any iterable, read as workers become free) here (1 worker) or in ``workers``
-    spawned processes sharing the store file, each with ``threads`` torch threads (default: cores
-    / workers). The worker processes end when this process ends, even when it is killed."""
+    processes sharing the store file (forked from a fork server that has torch loaded, see
+    :mod:`bnlab.experiments.workers`; spawned where there is none), each with ``threads`` torch
+    threads (default: cores / workers). The worker processes end when this process ends, even
+    when it is killed."""
     threads = threads or max(1, cpu_count() // workers)
     if workers == 1:
         old = torch.get_num_threads()
@@ -224,14 +260,15 @@ def run_local(tasks, store_path: str, workers: int, tensorboard: str | None, swe
         finally:
             torch.set_num_threads(old)
         return
-    import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    ctx = mp.get_context("spawn")
+    from bnlab.experiments.workers import worker_context
+
+    ctx = worker_context()
     todo = iter(tasks)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_start,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(), os.getcwd())) as pool:
         pending: dict = {}
         broken = False
 

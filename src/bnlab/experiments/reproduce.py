@@ -136,9 +136,20 @@ def fig1_data(store: RunStore, cfg: SweepConfig) -> dict | None:
             "with": examples[[lv for lv in levels if lv != "none"][0]], "seeds": len(flat) // len(levels)}
 
 
+DERIVED = {"test_error": lambda r: 1.0 - r["test_acc"], "train_test_gap": lambda r: r["train_acc"] - r["test_acc"]}
+
+
 def _metric_value(r: dict, metric: str) -> float | None:
-    """A run's final value of ``metric``; ``test_error`` is ``1 - test_acc``."""
-    v = 1.0 - r["test_acc"] if metric == "test_error" and r.get("test_acc") is not None else r.get(metric)
+    """A run's final value of ``metric``; ``test_error`` is ``1 - test_acc``, ``train_test_gap``
+    ``train_acc - test_acc`` (training-mode accuracy over the last epoch, with batch statistics,
+    minus eval-mode accuracy on the test set)."""
+    if metric in DERIVED:
+        try:
+            v = DERIVED[metric](r)
+        except (KeyError, TypeError):
+            return None
+    else:
+        v = r.get(metric)
     return v if v is not None and math.isfinite(v) else None
 
 
@@ -386,7 +397,7 @@ def contrast_comparison(store: RunStore, cfg: SweepConfig) -> dict:
 def contrast_words(c: dict) -> str:
     """One contrast of :func:`contrast_comparison` in words, e.g. ``BN vs Standard: beta lower by
     12.3 (± 4.5, p = 0.001) — holds``."""
-    pct = c["metric"].endswith(("acc", "error"))
+    pct = c["metric"].endswith(("acc", "error", "gap"))
     name = metric_name(c["metric"])
 
     def amount(v):

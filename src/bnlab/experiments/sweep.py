@@ -116,7 +116,8 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         cfg: the sweep (:func:`load_config`, :func:`parse_config`).
         store_path: the run store file (created if missing).
         workers: runs at a time: ``local`` runs them in this process (1) or in as many spawned
-            processes; ``ray`` uses it as the CPU count of a new local Ray instance.
+            processes; ``ray`` uses it as the CPU count of a new local Ray instance. ``"auto"``
+            (the CLI's default): chosen from the cores and the networks (:func:`auto_workers`).
         executor: ``local`` or ``ray``.
         ray_address: the Ray cluster to connect to (``None``: start a local one).
         tensorboard: a folder for TensorBoard event files, under ``<folder>/<sweep>/<run id>``.
@@ -146,18 +147,31 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         raise ConfigError(f"--threads must be a positive integer, got {threads}")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}: choose local or ray")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ConfigError(f"--workers must be a positive integer, got {workers}")
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ConfigError(f"--workers must be a positive integer or auto, got {workers}")
     if not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1:
         raise ConfigError(f"--max-runs must be a positive integer, got {max_runs}")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
         raise ConfigError(f"--lease must be a positive number of seconds, got {lease}")
-    threads = threads or (1 if executor == "ray" else max(1, cpu_count() // workers))
+    if executor == "local" and workers != 1:
+        from bnlab.experiments.workers import start_worker_server
+
+        start_worker_server()  # it imports torch while the runs are checked
     if tensorboard:
         from bnlab.train.tensorboard import require_tensorboard
 
         require_tensorboard()
-    check_runs(cfg, overrides, max_runs)
+    profile = check_runs(cfg, overrides, max_runs)
+    why = ""
+    if workers == "auto":
+        workers, auto_threads, why = auto_workers(profile, executor)
+        threads = threads or auto_threads
+        why = f" (auto: {why})"
+        if workers == 1 and executor == "local":
+            from bnlab.experiments.workers import stop_worker_server
+
+            stop_worker_server()  # started in case it was needed: one process runs everything here
+    threads = threads or (1 if executor == "ray" else max(1, cpu_count() // workers))
     store = RunStore(store_path, lease=lease)
     t0 = time.perf_counter()
     try:
@@ -176,8 +190,9 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
             log(f"{summary.skipped} of {total} run(s) already finished in {store_path}: skipped")
         keys = cfg.grid_keys() + ["seed"]
         if total > finished:
+            workers = min(workers, total - finished)  # no idle processes for the last few runs
             log(f"running {total - finished} run(s) of sweep {cfg.name!r} with {executor} executor, "
-                f"{workers} worker(s), {threads} thread(s) each")
+                f"{workers} worker(s), {threads} thread(s) each{why}")
 
             def report(task, out):
                 summary.finished[task.run_id] = out["status"]
@@ -210,11 +225,14 @@ def sweep_record(cfg: SweepConfig, overrides: dict | None, threads: int) -> dict
     return record
 
 
-def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = MAX_RUNS) -> None:
+def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = MAX_RUNS) -> dict:
     """Find every mistake in a sweep before anything runs or is written: more than ``max_runs``
     runs (counted without expanding the grid), a bad value or combination in any run, a dataset
     that cannot be found, a network that does not build for its dataset's inputs (each distinct
-    network built once)."""
+    network built once).
+
+    Returns what ``--workers auto`` decides on: ``{"conv": any network has a convolution,
+    "nproc": the most processes one run uses}``."""
     n = cfg.size()
     if n > max_runs:
         raise ConfigError(f"sweep {cfg.name!r} has {n:,} runs ({cfg.size_text()}), more than the limit of "
@@ -230,20 +248,43 @@ def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = 
     check_data(data.values())
     shapes = {where: _input_shape(*where) for where in data}
     import torch
+    from torch import nn
 
     from bnlab.models import build
 
+    profile = {"conv": False, "nproc": max(run.settings.nproc for run in nets.values())}
     for (where, *_), run in nets.items():
         s = run.settings
         input_shape, classes = shapes[where]
         try:
             with torch.device("meta"):  # shapes only: no memory for the weights, however large
-                build(s.model, input_shape=input_shape, num_classes=classes, **s.build_options())
+                net = build(s.model, input_shape=input_shape, num_classes=classes, **s.build_options())
+            profile["conv"] |= any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in net.modules())
         except ConfigError as e:
             point = {"model": s.model, "bn": s.bn, **{k: getattr(s, k) for k in cfg.grid_keys()}}
             raise ConfigError(f"sweep {cfg.name!r} ({', '.join(f'{k}={v}' for k, v in point.items())}): "
                               f"{e}") from None
+    return profile
 
+
+def auto_workers(profile: dict, executor: str = "local", cores: int | None = None) -> tuple[int, int, str]:
+    """``--workers auto``: ``(processes, torch threads per run, why)`` for a sweep's networks.
+
+    The rule, measured on 2 cores (docs/benchmarks.md, benchmarks/sweep_scaling.py): a network
+    with convolutions keeps every core busy from one process (its ops are large enough to split
+    across threads), so one process with every core's thread is fastest; networks of dense
+    layers only have ops too small to split, so one process per core with one thread each is;
+    runs that start their own processes (``nproc`` > 1) run one at a time with every core. Ray
+    runs one thread per task on as many CPUs as it has.
+    """
+    cores = cores or cpu_count()
+    if executor == "ray":
+        return cores, 1, "Ray: one thread per task"
+    if profile.get("nproc", 1) > 1:
+        return 1, cores, f"runs of {profile['nproc']} processes each: one run at a time"
+    if profile.get("conv"):
+        return 1, cores, "convolutional networks: one process uses every core"
+    return cores, 1, "dense networks: one process per core"
 
 def _input_shape(dataset: str, data_dir, image_size, channels) -> tuple[tuple, int]:
     """``(input shape, classes)`` of a dataset, from its test split (the smaller one)."""

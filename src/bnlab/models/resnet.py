@@ -130,6 +130,8 @@ class ResNetCIFAR(nn.Module):
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
+                if m.weight.is_meta:  # shapes only: see bnlab.models.spec._init_weights
+                    continue
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

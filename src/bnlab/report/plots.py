@@ -291,7 +291,7 @@ def contrast_figure(levels: dict, metrics: list[str], path: str | Path, *, probe
     fig, axes = _figure(rows, cols, figsize=(width * cols, 3.6 * rows))
     flat = [ax for row in axes for ax in row]
     for ax, metric in zip(flat, bars):
-        pct = metric.endswith(("acc", "error"))
+        pct = metric.endswith(("acc", "error", "gap"))
         means = [levels[lv][metric]["mean"] for lv in names]
         cis = [levels[lv][metric]["ci95"] or 0 for lv in names]
         xs = list(range(len(names)))
@@ -300,7 +300,7 @@ def contrast_figure(levels: dict, metrics: list[str], path: str | Path, *, probe
         values = [("no runs" if m is None else f"{m * 100:.1f}%" if pct else f"{m:.3g}") for m in means]
         ax.set_xticks(xs, [f"{lv.replace(', ', chr(10))}\n{v}" for lv, v in zip(names, values)], fontsize=7)
         ax.set_ylabel(metric_name(metric))
-        if pct:
+        if metric.endswith(("acc", "error")):
             lo = min((m for m in means if m is not None), default=0)
             ax.set_ylim(max(0.0, lo - 0.15), 1.0)
         ax.set_title(metric_name(metric), fontsize=9)

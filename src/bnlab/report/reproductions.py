@@ -80,7 +80,7 @@ def format_contrast_comparison(c: dict) -> str:
     def cell(st, metric):
         if st["mean"] is None:
             return "-"
-        pct = metric.endswith(("acc", "error"))
+        pct = metric.endswith(("acc", "error", "gap"))
         text = f"{st['mean'] * 100:.2f}%" if pct else f"{st['mean']:.4g}"
         if st["ci95"]:
             text += f" ± {st['ci95'] * 100:.2f}" if pct else f" ± {st['ci95']:.2g}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 import socket
 import subprocess
 import sys
@@ -37,20 +38,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """Run ``bnlab <argv>`` in ``nproc`` processes forming one group on 127.0.0.1; wait for all.
+def launch(argv: list[str], nproc: int, threads: int | None = None, module: str = "bnlab") -> int:
+    """Run ``python -m <module> <argv>`` (``bnlab <argv>``) in ``nproc`` processes forming one
+    group on 127.0.0.1, with ``threads`` torch threads each (default: cores / nproc); wait for all.
 
     If one fails, the others are stopped (they would wait for it forever). Returns the first
     non-zero exit code, else 0.
     """
     port = _free_port()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": str(threads)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "bnlab", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
     codes: dict[int, int] = {}
     try:
         while len(codes) < nproc:
@@ -102,3 +104,77 @@ def check_world(nproc: int) -> None:
     if found is not None and nproc not in (1, found[1]):
         raise ConfigError(f"--nproc {nproc} under a launcher that started {found[1]} processes: leave out --nproc "
                           "(the launcher's world size is used)")
+
+
+@dataclass
+class ProcessesResult:
+    """What :func:`train_in_processes` gives back: the run's ``history`` (rank 0's), and the
+    activation tracker's and landscape probe's records and summary, as :class:`RunResult` has them."""
+
+    history: "History"
+    summary_: dict
+    records_: list
+
+    def summary(self) -> dict:
+        return self.summary_
+
+    def records(self) -> list[dict]:
+        return self.records_
+
+
+def train_in_processes(settings, *, threads: int | None = None, tensorboard=None, name: str = "train",
+                       run_id: str | None = None) -> ProcessesResult:
+    """Train a run with ``settings.nproc > 1`` from a single process (a sweep's worker): start
+    its processes (:func:`launch`), wait, and return rank 0's result.
+
+    Raises:
+        BnlabError: the run's own error (a bad setting, missing data), as rank 0 reported it.
+        RuntimeError: a process died without a report (killed, out of memory).
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from bnlab.errors import BnlabError
+    from bnlab.train.loop import History
+
+    with tempfile.TemporaryDirectory(prefix="bnlab-ddp-") as tmp:
+        src, out = Path(tmp) / "settings.json", Path(tmp) / "result.json"
+        src.write_text(json.dumps({"settings": settings.to_dict(), "tensorboard": str(tensorboard) if tensorboard else None,
+                                   "name": name, "run_id": run_id}))
+        code = launch([str(src), str(out)], settings.nproc, threads=threads, module="bnlab.train.distributed")
+        if not out.exists():
+            raise RuntimeError(f"the {settings.nproc} processes of the run ended (exit code {code}) without a result")
+        got = json.loads(out.read_text())
+    if got.get("error"):
+        raise BnlabError(got["error"])
+    h = got["history"]
+    return ProcessesResult(History(h["status"], h["epochs"], h["steps"], h.get("stop_reason")), got["summary"],
+                           got["records"])
+
+
+def _main(src: str, out: str) -> int:
+    """One process of :func:`train_in_processes`: join the group, train, rank 0 writes the result."""
+    import json
+
+    from bnlab._files import atomic_path
+    from bnlab.errors import BnlabError
+    from bnlab.train import TrainSettings, train
+
+    job = json.loads(open(src).read())
+    s = TrainSettings.from_dict(job["settings"])
+    with process_group(s.device) as (rank, _):
+        try:
+            res = train(s, progress=False, tensorboard=job["tensorboard"] if rank == 0 else None, name=job["name"],
+                        run_id=job["run_id"])
+            result = {"history": res.history.to_dict(), "summary": res.summary(), "records": res.records()}
+        except BnlabError as e:
+            result = {"error": str(e)}
+        if rank == 0:
+            with atomic_path(out) as tmp:
+                tmp.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(*sys.argv[1:3]))
