@@ -187,6 +187,8 @@ def _check_train_inputs(args, s):
     check_model(s)
     data = load_data(s)
     check_model(s, data[0].input_shape, data[0].num_classes)
+    if s.batch_classes:
+        data[0].num_batches(s.batch_size, classes=s.batch_classes)  # more classes than the data has: say so now
     return data
 
 

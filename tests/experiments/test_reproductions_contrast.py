@@ -133,3 +133,15 @@ def test_syncbn_runs_data_parallel_runs_from_a_sweep(tmp_path):
     assert len(similar) == 2 and all(x["holds"] for x in similar)
     assert all(x["holds"] is None for x in c["contrasts"] if x["expect"] != "similar")  # one seed: no test
     assert "undecided" in c["verdict"] and fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_more_batch_classes_than_the_data_has_is_refused_before_any_run(tmp_path):
+    from bnlab.errors import ConfigError
+
+    from bnlab.experiments import parse_config
+
+    cfg = parse_config({"name": "skew", "dataset": "fashion-mnist", "seeds": [0],
+                        "fixed": {"model": "keras-mlp", "bn": "after", "batch_size": 24, "batch_classes": 12}})
+    with pytest.raises(ConfigError, match="batch_classes = 12 but fashion-mnist has 10 classes"):
+        run_sweep(cfg, str(tmp_path / "r.db"), log=lambda m: None)
+    assert not (tmp_path / "r.db").exists()

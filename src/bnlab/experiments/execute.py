@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from bnlab.errors import BnlabError, ConfigError
-from bnlab.experiments.store import DEFAULT_LEASE
+from bnlab.experiments.store import DEFAULT_LEASE, pid_alive
 from bnlab.train import train
 from bnlab.train.callbacks import Callback
 
@@ -172,24 +172,6 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
             store.close()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet collected, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    except (OSError, ValueError, IndexError):  # no /proc (macOS): the signal check decides
-        return True
-
-
 def watch_parent(parent_pid: int, interval: float = 0.5, on_gone=None) -> threading.Thread:
     """Call ``on_gone`` (default: end this process at once) as soon as process ``parent_pid``
     (the sweep's driver) is gone or a zombie, checked every ``interval`` seconds from a daemon
@@ -203,7 +185,7 @@ def watch_parent(parent_pid: int, interval: float = 0.5, on_gone=None) -> thread
         os._exit(1)
 
     def watch():
-        while _alive(parent_pid):
+        while pid_alive(parent_pid):
             time.sleep(interval)
         (on_gone or gone)()
 

@@ -75,6 +75,31 @@ def _mean_of(runs: list[dict], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _level_runs(cfg: SweepConfig, flat: list[dict]) -> tuple[str, dict[str, list[dict]]]:
+    """The levels a claim compares (the cases by label, else the values of ``by``) and their runs."""
+    if cfg.cases:
+        by, levels, level_of = "case", cfg.case_labels(), cfg.case_label
+    else:
+        by = (cfg.claim or {}).get("by", "bn")
+        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
+
+        def level_of(r):
+            return str(r.get(by))
+    out = {level: [] for level in levels}
+    for r in flat:
+        level = level_of(r)
+        if level in out:
+            out[level].append(r)
+    return by, out
+
+
+def _stats(vals: list[float]) -> dict:
+    n = len(vals)
+    std = statistics.stdev(vals) if n > 1 else None
+    return {"n": n, "mean": statistics.fmean(vals) if vals else None, "std": std,
+            "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None}
+
+
 def comparison(store: RunStore, cfg: SweepConfig) -> dict:
     """Measured values next to the recipe's claim, per level of the claim's setting."""
     claim = cfg.claim or {}
@@ -87,12 +112,10 @@ def comparison(store: RunStore, cfg: SweepConfig) -> dict:
         ids = [r["run_id"] for r in flat if r.get(by) == level and r["status"] in ("done", "diverged")]
         vals, at = _values_at(store, ids, metric, epoch)
         finals = [r for r in flat if r["run_id"] in ids]
-        n = len(vals)
-        std = statistics.stdev(vals) if n > 1 else None
+        st = _stats(vals)
         levels.append({
-            by: level, "n": n, "claimed": (claim.get("values") or {}).get(str(level)),
-            "measured_mean": statistics.fmean(vals) if vals else None, "measured_std": std,
-            "measured_ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None, "at_epoch": at,
+            by: level, "n": st["n"], "claimed": (claim.get("values") or {}).get(str(level)),
+            "measured_mean": st["mean"], "measured_std": st["std"], "measured_ci95": st["ci95"], "at_epoch": at,
             "final_train_acc": _mean_of(finals, "train_acc"),
             "final_test_acc": _mean_of(finals, "test_acc"),
             "diverged": sum(r["status"] == "diverged" for r in finals),
@@ -165,31 +188,15 @@ def axis_comparison(store: RunStore, cfg: SweepConfig) -> dict:
     claim = cfg.claim or {}
     axis, metric = claim["axis"], claim.get("metric", "test_acc")
     flat = [r for r in runs_of(store, cfg) if r["status"] in ("done", "diverged")]
-    if cfg.cases:  # the levels are the cases (linked settings), by their labels
-        by, levels = "case", cfg.case_labels()
-
-        def level_of(r):
-            return cfg.case_label(r)
-    else:
-        by = claim.get("by", "bn")
-        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
-
-        def level_of(r):
-            return str(r.get(by))
-    level_runs = {level: [] for level in levels}
-    for r in flat:
-        level_runs.setdefault(level_of(r), []).append(r)
+    by, level_runs = _level_runs(cfg, flat)  # the cases (linked settings) by label, else the values of by
     series = {}
-    for level in levels:
+    for level in level_runs:
         pts = []
         for x in sorted(cfg.grid.get(axis, [cfg.fixed.get(axis)])):
             runs = [r for r in level_runs[level] if r.get(axis) == x]
             vals = [v for r in runs if r["status"] == "done" and (v := _metric_value(r, metric)) is not None]
-            n = len(vals)
-            std = statistics.stdev(vals) if n > 1 else None
-            pts.append({axis: x, "runs": len(runs), "n": n, "diverged": sum(r["status"] == "diverged" for r in runs),
-                        "mean": statistics.fmean(vals) if vals else None, "std": std,
-                        "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None, "values": vals})
+            pts.append({axis: x, "runs": len(runs), "diverged": sum(r["status"] == "diverged" for r in runs),
+                        **_stats(vals), "values": vals})
         series[level] = pts
     out = {"sweep": cfg.name, "dataset": cfg.dataset, "claim": claim.get("text", ""),
            "claim_dataset": claim.get("dataset") or cfg.claim_dataset or cfg.dataset, "by": by, "axis": axis,
@@ -280,29 +287,6 @@ def _range_verdict(claim: dict, axis: str, ranges: dict, usable: float) -> str:
 
 
 EXPECTS = ("higher", "lower", "similar", "not_lower", "not_higher", "recovers")
-
-
-def _level_runs(cfg: SweepConfig, flat: list[dict]) -> tuple[str, dict[str, list[dict]]]:
-    """The levels a claim compares (the cases by label, else the values of ``by``) and their runs."""
-    if cfg.cases:
-        by, levels, level_of = "case", cfg.case_labels(), cfg.case_label
-    else:
-        by = (cfg.claim or {}).get("by", "bn")
-        levels = [str(v) for v in cfg.grid.get(by, [cfg.fixed.get(by)])]
-
-        def level_of(r):
-            return str(r.get(by))
-    out = {level: [] for level in levels}
-    for r in flat:
-        out.setdefault(level_of(r), []).append(r)
-    return by, out
-
-
-def _stats(vals: list[float]) -> dict:
-    n = len(vals)
-    std = statistics.stdev(vals) if n > 1 else None
-    return {"n": n, "mean": statistics.fmean(vals) if vals else None, "std": std,
-            "ci95": t_critical(n - 1) * std / math.sqrt(n) if n > 1 else None}
 
 
 def contrast_comparison(store: RunStore, cfg: SweepConfig) -> dict:

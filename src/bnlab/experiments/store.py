@@ -117,9 +117,9 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     """Whether process ``pid`` exists on this host and has not exited (a zombie has)."""
-    if pid is None:
+    if pid is None or pid <= 0:  # 0 and negatives name process groups, not a process
         return False
     try:
         os.kill(pid, 0)
@@ -146,7 +146,7 @@ def is_stale(pid, host, pid_start, heartbeat, started, lease: float, now: float 
         return True
     if host is not None and host != HOST:
         return False  # another machine's process: only its lease tells
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return True
     if pid_start is not None:
         current = process_start(pid)

@@ -240,11 +240,13 @@ def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = 
     cfg.check(overrides)
     data: dict = {}
     nets: dict = {}
+    batch_classes: dict = {}  # the most classes a batch of each dataset is drawn from
     for run in cfg.iter_runs(overrides):
         s = run.settings
         where = (s.dataset, s.data_dir, s.image_size, s.channels)
         data.setdefault(where, run)
         nets.setdefault((where, s.model, *s.build_options().values()), run)
+        batch_classes[where] = max(batch_classes.get(where, 0), s.batch_classes or 0)
     check_data(data.values())
     shapes = {where: _input_shape(*where) for where in data}
     import torch
@@ -253,6 +255,10 @@ def check_runs(cfg: SweepConfig, overrides: dict | None = None, max_runs: int = 
     from bnlab.models import build
 
     profile = {"conv": False, "nproc": max(run.settings.nproc for run in nets.values())}
+    for where, wanted in batch_classes.items():
+        if wanted > shapes[where][1]:
+            raise ConfigError(f"sweep {cfg.name!r}: batch_classes = {wanted} but {where[0]} has {shapes[where][1]} "
+                              "classes; each batch can be drawn from at most that many")
     for (where, *_), run in nets.items():
         s = run.settings
         input_shape, classes = shapes[where]

@@ -57,6 +57,13 @@ class _Evaluator:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         if not self.names:
             raise ConfigError(f"{type(model).__name__} has no trainable parameters to probe")
+        self._base = None
+
+    def base(self) -> tuple[float, dict[str, torch.Tensor]]:
+        """The loss and gradient at the model's own weights (computed once)."""
+        if self._base is None:
+            self._base = self(self.weights)
+        return self._base
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
         params = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
@@ -102,11 +109,14 @@ def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps, *,
         out = loss_landscape(net.train(), x, y, steps=[0.05, 0.1, 0.2, 0.4])
         out["loss_range"], out["beta"]
     """
+    return _landscape(_Evaluator(model, x, y, loss_fn, seed), steps)
+
+
+def _landscape(ev: _Evaluator, steps) -> dict:
     steps = [float(s) for s in steps]
     if not steps or any(not s > 0 for s in steps):
         raise ConfigError(f"loss_landscape needs positive step sizes, got {steps}")
-    ev = _Evaluator(model, x, y, loss_fn, seed)
-    loss0, g = ev(ev.weights)
+    loss0, g = ev.base()
     gnorm = _norm(g.values())
     losses, changes = [], []
     for eta in steps:
@@ -175,7 +185,11 @@ def gradient_shift(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float
     if not lr > 0:
         raise ConfigError(f"gradient_shift needs a positive lr, got {lr}")
     ev = _Evaluator(model, x, y, loss_fn, seed)
-    order = _forward_order(model, ev)
+    return _shift(ev, lr, layers, _forward_order(model, ev))
+
+
+def _shift(ev: _Evaluator, lr: float, layers, order: list[str]) -> list[dict]:
+    model = ev.model
     modules = dict(model.named_modules())
     if layers is None:
         chosen = [n for n in order if isinstance(modules[n], WEIGHT_LAYERS)][1:]
@@ -186,7 +200,7 @@ def gradient_shift(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float
                 why = "has no such module" if n not in modules else "does not call it with parameters of its own"
                 raise ConfigError(f"gradient_shift: {type(model).__name__} {why}: {n!r}; "
                                   f"layers with parameters: {', '.join(order)}")
-    _, g = ev(ev.weights)
+    _, g = ev.base()
 
     def own(name):
         prefix = f"{name}." if name else ""
@@ -236,6 +250,7 @@ class LandscapeProbe(Callback):
             raise ConfigError(f"LandscapeProbe(factors={factors!r}): step factors must be positive numbers")
         self.every, self.factors, self.layers, self.ics = every, tuple(float(f) for f in factors), layers, ics
         self.records: list[dict] = []
+        self._order = None  # the forward order of the layers, found at the first probe
 
     def on_batch_begin(self, state) -> None:
         step = state.step + 1
@@ -243,11 +258,14 @@ class LandscapeProbe(Callback):
             return
         x, y = state.batch
         lr = float(state.optimizer.param_groups[0]["lr"])
-        land = loss_landscape(state.model, x, y, [f * lr for f in self.factors], seed=step)
+        ev = _Evaluator(state.model, x, y, F.cross_entropy, step)  # one base gradient for both measures
+        land = _landscape(ev, [f * lr for f in self.factors])
         keep = ("loss", "grad_norm", "loss_min", "loss_max", "loss_range", "grad_change_min", "grad_change_max", "beta")
         self.records.append({"step": step, "layer": "landscape", **{k: land[k] for k in keep}})
         if self.ics:
-            for r in gradient_shift(state.model, x, y, lr, layers=self.layers, seed=step):
+            if self._order is None:
+                self._order = _forward_order(state.model, ev)
+            for r in _shift(ev, lr, self.layers, self._order):
                 self.records.append({"step": step, "layer": f"ics:{r.pop('layer')}", **r})
 
     def summary(self) -> dict:

@@ -259,10 +259,6 @@ def convert(model: nn.Module, to: str = "bnlab", **options) -> nn.Module:
                 return new
         return m
 
-    for name, child in list(model.named_children()):
-        new = swap(child)
-        if new is not child:
-            setattr(model, name, new)
-        else:
-            convert(child, to)
-    return swap(model)
+    from bnlab.nn.norms import replace_modules
+
+    return replace_modules(model, swap)

@@ -277,12 +277,21 @@ def standardize_weights(model: nn.Module) -> nn.Module:
         new.load_state_dict(m.state_dict())
         return new.train(m.training)
 
+    return replace_modules(model, convert_one)
+
+
+def replace_modules(model: nn.Module, replace) -> nn.Module:
+    """Call ``replace(module)`` on every submodule of ``model`` and on ``model`` itself, and put
+    what it returns in the module's place (a module it returns unchanged stays). Returns
+    ``model``, or its replacement when ``replace`` replaced it (a bare layer cannot be swapped in
+    place). The shared walk of :func:`standardize_weights`, :func:`bnlab.nn.convert` and
+    :func:`bnlab.nn.sync.to_sync`."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            new = convert_one(child)
+            new = replace(child)
             if new is not child:
                 setattr(parent, name, new)
-    return convert_one(model)
+    return replace(model)
 
 
 def unstandardize_weights(model: nn.Module) -> int:

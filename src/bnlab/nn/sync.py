@@ -120,7 +120,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Args:
         num_features: ``C``.
-        eps, momentum, affine, track_running_stats, device, dtype: as for
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as for
             :class:`bnlab.nn.BatchNorm2d`.
         process_group: the ranks to synchronize over (``None``: the default group).
 
@@ -131,8 +131,9 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -158,18 +159,16 @@ def to_sync(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
 
     plain = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
+    from bnlab.nn.norms import replace_modules
+
     def one(m):
         if type(m) not in plain:
             return m
         ref = m.weight if m.weight is not None else m.running_mean
         new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
+                            bias=not m.affine or m.bias is not None,
                             **({"device": ref.device, "dtype": ref.dtype} if ref is not None else {}))
         new.load_state_dict(m.state_dict())
         return new.train(m.training)
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = one(child)
-            if new is not child:
-                setattr(parent, name, new)
-    return one(model)
+    return replace_modules(model, one)

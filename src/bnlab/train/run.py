@@ -168,7 +168,8 @@ def train(settings: TrainSettings, *, callbacks=(), progress: bool | None = None
         from bnlab.errors import ConfigError
 
         raise ConfigError(f"nproc={s.nproc}: a data-parallel run needs its processes: start it with "
-                          f"'bnlab train --nproc {s.nproc} ...' or torchrun (a sweep runs each run in one process)")
+                          f"'bnlab train --nproc {s.nproc} ...', torchrun, a sweep, or from Python with "
+                          "bnlab.train.distributed.train_in_processes(settings)")
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")  # now, not after an hour of training
     train_ds, test_ds = datasets if datasets is not None else load_data(s)
