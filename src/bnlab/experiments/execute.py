@@ -40,19 +40,23 @@ def cpu_count() -> int:
 
 
 def environment() -> dict:
-    """Where a run ran: versions, threads, host."""
+    """Where a run ran: versions, threads, host and process, and the Ray node when in a Ray task."""
     from bnlab import __version__
     from bnlab.nn import backend_name
 
-    return {"torch": str(torch.__version__), "bnlab": __version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "host": socket.gethostname(), "bn_backend": backend_name()}
+    env = {"torch": str(torch.__version__), "bnlab": __version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid(),
+           "bn_backend": backend_name()}
+    ray = sys.modules.get("ray")  # imported only where a Ray worker runs this
+    if ray is not None and ray.is_initialized():
+        env["ray_node"] = ray.get_runtime_context().get_node_id()
+    return env
 
 
 def _datasets(settings):
     from bnlab.train import load_data
 
-    key = (settings.dataset, settings.data_dir, settings.standardize, settings.train_limit, settings.test_limit,
-           settings.image_size, settings.channels)
+    key = data_key(settings)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # keep one dataset in memory per process
         _DATA_CACHE[key] = load_data(settings)
@@ -84,7 +88,8 @@ class StoreEpochs(Callback):
 
 
 def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, threads: int | None = None,
-                tensorboard: str | None = None, sweep: str = "", lease: float = DEFAULT_LEASE) -> dict:
+                tensorboard: str | None = None, sweep: str = "", lease: float = DEFAULT_LEASE,
+                datasets=None) -> dict:
     """Train one run; returns ``{run_id, status, epochs, error, stop_reason, summary, env, activations}``.
 
     With a store, ``status`` is ``skipped`` when the run is finished or running elsewhere, and
@@ -104,6 +109,8 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
         tensorboard: a folder for TensorBoard event files (``None``: none).
         sweep: the sweep's name (names the TensorBoard folder).
         lease: see above.
+        datasets: the run's ``(train, test)`` (:func:`bnlab.train.load_data`); ``None``: loaded
+            here (and kept for the next run of this process with the same data).
 
     Returns:
         ``status`` is ``done``, ``diverged``, ``failed``, ``skipped`` (only ``run_id`` and
@@ -142,7 +149,7 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
                     for i in range(len(res.history.epochs)):  # into the store as train() would have written them
                         sink.on_epoch_end(SimpleNamespace(history=SimpleNamespace(epochs=res.history.epochs[:i + 1])))
                 else:
-                    res = train(s, datasets=_datasets(s), callbacks=[sink], progress=False, tensorboard=tensorboard,
+                    res = train(s, datasets=_datasets(s) if datasets is None else datasets, callbacks=[sink], progress=False, tensorboard=tensorboard,
                                 name=sweep, run_id=run_id)
                 status, error, stop = res.history.status, None, res.history.stop_reason
             except RunTakenOver:
@@ -297,41 +304,79 @@ class WorkerDied(BnlabError):
     exit_code = 1
 
 
+def data_key(settings) -> tuple:
+    """What decides a run's data: runs with equal keys train on the same ``(train, test)``."""
+    return (settings.dataset, settings.data_dir, settings.standardize, settings.train_limit, settings.test_limit,
+            settings.image_size, settings.channels)
+
+
 def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: str, report,
-            workers: int | None = None, threads: int = 1) -> None:
-    """Run tasks as Ray tasks (``threads`` torch threads each); results come back to this
-    process, which claims the runs, renews their leases and writes the store."""
+            workers: int | None = None, threads: int = 1, max_retries: int = 3) -> None:
+    """Run tasks as Ray tasks (``threads`` torch threads and as many Ray CPUs each); results come
+    back to this process, the driver, which alone claims the runs, renews their leases and writes
+    the store: the workers need neither the store nor a shared filesystem.
+
+    Data: the driver loads each distinct dataset once (uint8, as every run holds it) and puts it
+    in Ray's object store; every task reads its data from there, so a worker node needs no copy
+    of the data. Runs of several processes each (``nproc`` > 1) load their data on the node.
+
+    Faults: a task whose worker process or node dies is retried by Ray on another node up to
+    ``max_retries`` times; when Ray gives up, or loses the task's result, the run goes back in
+    the store's queue (reported as ``interrupted``) and the next ``bnlab sweep`` reruns it. A
+    killed driver leaves its claimed runs ``running`` under its dead pid; the next sweep reruns
+    them (see :mod:`bnlab.experiments.store`). A run's own error is ``failed`` as anywhere else.
+    """
     try:
         import ray
+        from ray.exceptions import RayError, RayTaskError
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
+    from bnlab.train import TrainSettings, load_data
+
+    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for its entrypoint
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
         if address:
             kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = workers or cpu_count()
+        else:  # a new instance of our own, even when a `ray start` cluster runs on this machine
+            kwargs.update(address="local", num_cpus=workers or cpu_count())
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from None
     refs = {}
+    shipped: dict = {}  # data key -> the object store's copy of (train, test)
     try:
         with store.heartbeats():  # this process owns the runs: it keeps their leases
-            remote = ray.remote(num_cpus=1)(execute_run)
+            remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(execute_run)
             for t in tasks:
+                s = TrainSettings.from_dict(t.settings)
+                data = None
+                if s.nproc == 1:
+                    key = data_key(s)
+                    if key not in shipped:
+                        shipped[key] = ray.put(load_data(s))
+                    data = shipped[key]
                 if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
                     continue
-                refs[remote.remote(t.run_id, t.settings, threads=threads, tensorboard=tensorboard, sweep=sweep)] = t
+                cpus = max(threads, s.nproc)  # a data-parallel run's processes share its CPUs
+                refs[remote.options(num_cpus=cpus).remote(t.run_id, t.settings, threads=cpus, tensorboard=tensorboard,
+                                                          sweep=sweep, datasets=data)] = t
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 t = refs[done[0]]
                 try:
                     out = ray.get(done[0])
-                except Exception as e:  # noqa: BLE001 - a lost worker or node fails that run only
+                except RayTaskError as e:  # the task raised (execute_run keeps a run's own errors): a bug
                     out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
+                except RayError as e:  # the cluster failed the run (worker or node died, result lost)
+                    store.requeue(t.run_id, f"interrupted: {type(e).__name__} (Ray gave up after {max_retries} "
+                                            "retries)")
+                    report(t, {"run_id": t.run_id, "status": "interrupted", "epochs": [],
+                               "error": f"{type(e).__name__}: the run is queued again; run the same command to resume"})
+                    continue
                 if out.get("activations"):
                     store.add_activations(t.run_id, out["activations"])
                 if not store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),

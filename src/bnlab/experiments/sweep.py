@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -191,8 +192,10 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         keys = cfg.grid_keys() + ["seed"]
         if total > finished:
             workers = min(workers, total - finished)  # no idle processes for the last few runs
-            log(f"running {total - finished} run(s) of sweep {cfg.name!r} with {executor} executor, "
-                f"{workers} worker(s), {threads} thread(s) each{why}")
+            address = ray_address or os.environ.get("RAY_ADDRESS")
+            where = (f"on the Ray cluster at {address}" if executor == "ray" and address else
+                     f"with {executor} executor, {workers} worker(s)")
+            log(f"running {total - finished} run(s) of sweep {cfg.name!r} {where}, {threads} thread(s) each{why}")
 
             def report(task, out):
                 summary.finished[task.run_id] = out["status"]
