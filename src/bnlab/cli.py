@@ -293,7 +293,6 @@ def cmd_sweep(args) -> int:
     """Exit status: 0 when every run is done or diverged; 1 when a run failed or was interrupted
     (a line on stderr says which and how to see them); 3 when the only unfinished runs are still
     running in another process (run the command again later); 2 on an error, before any run."""
-    _early_workers(args)
     from bnlab.experiments import load_config, parse_sets, run_sweep
 
     cfg = load_config(args.config).override(parse_sets(args.set))
@@ -544,17 +543,27 @@ def cmd_plot_activations(args) -> int:
     return 0
 
 
-def _early_workers(args) -> None:
-    """Start the sweep workers' fork server before this process imports torch: both import it
-    at once, on different cores (see bnlab.experiments.workers)."""
-    if args.executor == "local" and args.workers != 1:
+def _early_workers(argv: list[str]) -> None:
+    """Start the sweep workers' fork server first thing, before this process imports torch (which
+    building the parser does): both import it at once, on different cores (see
+    bnlab.experiments.workers). Only for the commands that may run local worker processes, read
+    from the raw arguments with a lenient pre-parser; the real parser checks them afterwards."""
+    if not argv or argv[0] not in ("sweep", "reproduce", "demo") or "-h" in argv or "--help" in argv:
+        return
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--executor", default="local")
+    pre.add_argument("--workers", default="auto")
+    try:
+        known, _ = pre.parse_known_args(argv[1:])
+    except (argparse.ArgumentError, SystemExit):
+        return
+    if known.executor == "local" and known.workers != "1":
         from bnlab.experiments.workers import start_worker_server
 
         start_worker_server()
 
 
 def cmd_reproduce(args) -> int:
-    _early_workers(args)
     from bnlab.experiments import RunStore
     from bnlab.errors import DataNotFoundError
     from bnlab.experiments.reproduce import reproduce
@@ -948,6 +957,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    _early_workers(list(argv) if argv is not None else sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc N` runs it again N times

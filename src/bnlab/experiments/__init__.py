@@ -4,15 +4,34 @@
 >>> cfg = ex.load_config("deeplizard").override({"epochs": 2})   # a recipe's name, or a .toml file
 >>> ex.run_sweep(cfg, "runs/bnlab.db", workers=2)
 >>> ex.results("runs/bnlab.db", cfg.name, by="bn")               # a pandas DataFrame
+
+The names below are imported when first used (PEP 562), so that importing a light submodule,
+such as :mod:`bnlab.experiments.workers` (which starts the sweep workers' fork server before
+this process imports torch), does not import torch and pandas first.
 """
 
-from bnlab.experiments.analysis import compare, group, parse_where, results, rows
-from bnlab.experiments.config import (Run, SweepConfig, load_config, load_recipe, parse_config, parse_sets,
-                                      recipe_names, run_id)
-from bnlab.experiments.execute import WorkerDied, execute_run
-from bnlab.experiments.store import DEFAULT_STORE, RunStore
-from bnlab.experiments.sweep import EXECUTORS, SweepSummary, run_sweep
+from importlib import import_module
 
-__all__ = ["compare", "group", "parse_where", "results", "rows", "Run", "SweepConfig", "load_config", "load_recipe",
-           "parse_config", "parse_sets", "recipe_names", "run_id",
-           "WorkerDied", "execute_run", "DEFAULT_STORE", "RunStore", "EXECUTORS", "SweepSummary", "run_sweep"]
+_WHERE = {
+    "analysis": ["compare", "group", "parse_where", "results", "rows"],
+    "config": ["Run", "SweepConfig", "load_config", "load_recipe", "parse_config", "parse_sets", "recipe_names",
+               "run_id"],
+    "execute": ["WorkerDied", "execute_run"],
+    "store": ["DEFAULT_STORE", "RunStore"],
+    "sweep": ["EXECUTORS", "SweepSummary", "run_sweep"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnlab.experiments' has no attribute {name!r}")
+    value = getattr(import_module(f"bnlab.experiments.{module}"), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
