@@ -224,3 +224,25 @@ def test_batch_statistics_are_outputs_of_the_step(backend):
     assert not mean.requires_grad and not var.requires_grad and y.requires_grad
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one():
+    # torch's builder waits, without end, for its lock file to go; a bnlab process SIGKILLed
+    # while loading the kernels left one behind and every later process hung (found when a
+    # test SIGKILLed a Ray worker in its start-up)
+    import subprocess
+    import sys
+
+    from bnlab.nn._backend import build_dir, cpp_backend
+
+    if cpp_backend() is None:
+        pytest.skip("the compiled kernels do not build here")
+    stale = build_dir() / "lock"
+    stale.touch()
+    try:
+        out = subprocess.run([sys.executable, "-c", "import bnlab.nn as n; print(n.backend_name())"],
+                             capture_output=True, text=True, timeout=60, env={**__import__("os").environ,
+                                                                              "BNLAB_BN_BACKEND": "cpp"})
+    finally:
+        stale.unlink(missing_ok=True)
+    assert out.returncode == 0 and out.stdout.split() == ["cpp"], out.stderr

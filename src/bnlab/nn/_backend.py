@@ -17,6 +17,7 @@ use ``eager`` whatever the choice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -188,6 +189,31 @@ def _build_key() -> str:
     return h.hexdigest()[:12]
 
 
+def build_dir() -> Path:
+    """Where the compiled kernels for this source, torch, Python, CPU and environment live."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab" / "torch_extensions"
+    return cache / _build_key()
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Hold an exclusive ``flock`` on ``directory/bnlab.lock`` (Unix; elsewhere nothing).
+
+    The kernel releases a flock when its process dies, however it dies, unlike torch's own
+    build lock (see :func:`_build_cpp`)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(directory / "bnlab.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build_cpp():
     from torch.utils import cpp_extension
 
@@ -197,19 +223,30 @@ def _build_cpp():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnlab" / "torch_extensions"
-    key = _build_key()
-    build_dir = cache / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # -march=native is safe because the build key includes this CPU's feature flags.
-    return cpp_extension.load(
-        name=f"bnlab_bn_{key}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"bnlab_bn_{directory.name}"
+    with _build_lock(directory):
+        # torch's builder takes a lock file (FileBaton) on every load, built or not, and a
+        # process waiting for it waits until the file is gone. A process SIGKILLed while holding
+        # it (seen: a sweep worker killed during start-up) left the file behind, and every later
+        # bnlab process hung forever. Under our flock no other bnlab process is in torch's
+        # builder, so a lock file now is a dead process's.
+        (directory / "lock").unlink(missing_ok=True)
+        if (directory / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}").exists():
+            try:  # built: load it without running the builder (~0.1 s less start-up)
+                return cpp_extension._import_module_from_library(name, str(directory), True)
+            except Exception:  # noqa: BLE001 - damaged or foreign: build it again below
+                pass
+        # -march=native is safe because the build key includes this CPU's feature flags.
+        return cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
 
 
 def cpp_backend() -> CppBackend | None:
