@@ -5,7 +5,9 @@ without BN, 2 seeds. A second case runs 4 deeplizard CNNs (batch 100, 10,000 ima
 where one process already keeps both cores busy. Every sweep is a ``bnlab sweep`` command, as
 a user runs it, on a fresh store; its wall time includes starting Python and torch and the
 workers and loading the data in them. The ratios are the best
-single-process setting's time over the other's (above 1 = faster than one process can be).
+single-process setting's time over the other's (above 1 = faster than one process can be). Each
+line also says when the first run began (start-up: Python, torch, the workers) and how long the
+command took after the last run ended (shutting down), from the store's clock of the runs.
 
     python benchmarks/sweep_scaling.py [--rounds 2] [--mlp-epochs 4] [--json]
 """
@@ -42,15 +44,22 @@ def _toml(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed(config: dict, workers, threads=None) -> float:
+def timed(config: dict, workers, threads=None) -> tuple[float, float, float]:
+    """``(wall seconds, seconds until the first run started, seconds after the last run ended)``
+    of one ``bnlab sweep`` command (the two from the store's clock of its runs)."""
+    import sqlite3
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.toml"
         path.write_text(_toml(config))
         cmd = [sys.executable, "-m", "bnlab", "sweep", str(path), "--store", str(Path(tmp) / "s.db"), "--quiet",
                "--workers", str(workers)] + (["--threads", str(threads)] if threads else [])
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), time.time()
         subprocess.run(cmd, check=True, capture_output=True)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        with sqlite3.connect(Path(tmp) / "s.db") as db:
+            first, last = db.execute("SELECT min(started), max(ended) FROM runs").fetchone()
+        return wall, first - w0, w0 + wall - last
 
 
 SETTINGS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1),
@@ -69,21 +78,29 @@ def main(argv=None):
     results = {}
     for case, config in CONFIGS.items():
         times = {k: [] for k in SETTINGS}
+        edges = {k: [] for k in SETTINGS}
         for _ in range(args.rounds):
             for k, (w, t) in SETTINGS.items():
-                times[k].append(timed(config, w, t))
+                wall, start, end = timed(config, w, t)
+                times[k].append(wall)
+                edges[k].append((start, end))
         med = {k: statistics.median(v) for k, v in times.items()}
+        start_up = {k: statistics.median(e[0] for e in v) for k, v in edges.items()}
+        shut_down = {k: statistics.median(e[1] for e in v) for k, v in edges.items()}
         best = min(med["1 process x 1 thread"], med["1 process x 2 threads"])
         workers, threads, why = auto_workers(check_runs(parse_config(config)))
         results[case] = {"seconds": med, "all": times, "runs": 4, "auto_chose": f"{workers} x {threads} ({why})",
-                         "ratio_to_best_single_process": {k: best / m for k, m in med.items()}}
+                         "ratio_to_best_single_process": {k: best / m for k, m in med.items()},
+                         "until_first_run": start_up, "after_last_run": shut_down}
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for case, r in results.items():
         print(f"{case}: 4 runs, medians of {args.rounds}; auto chose {r['auto_chose']}")
         for k, m in r["seconds"].items():
-            print(f"  {k:<24} {m:6.1f} s   x{r['ratio_to_best_single_process'][k]:.2f} of the best single process")
+            print(f"  {k:<24} {m:6.1f} s   x{r['ratio_to_best_single_process'][k]:.2f} of the best single process"
+                  f"   (first run began at {r['until_first_run'][k]:.1f} s, {r['after_last_run'][k]:.1f} s after the last"
+                  " ended)")
     print("goals: mlp 2 processes (auto) >= x1.8; cnn auto >= x1.0")
 
 

@@ -557,7 +557,13 @@ def _early_workers(argv: list[str]) -> None:
         known, _ = pre.parse_known_args(argv[1:])
     except (argparse.ArgumentError, SystemExit):
         return
-    if known.executor == "local" and known.workers != "1":
+    if known.workers != "auto":
+        try:
+            if int(known.workers) <= 1:
+                return
+        except ValueError:
+            return  # the real parser says what is wrong with it
+    if known.executor == "local":
         from bnlab.experiments.workers import start_worker_server
 
         start_worker_server()

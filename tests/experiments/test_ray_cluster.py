@@ -3,8 +3,10 @@
 
 Each ``ray start`` runs in a session of its own, so the processes of each node (its raylet and
 the workers the raylet starts) are found by their session id: the worker node's raylet can be
-killed alone, and everything is stopped at the end without touching any other Ray on the host.
-The tests are in the order they run: the last one kills the worker node.
+killed alone, and everything is stopped at the end without killing any other Ray on the host.
+(The cluster keeps its files in Ray's default /tmp/ray, and `ray start --head` points
+/tmp/ray/ray_current_cluster at it: a head with a --temp-dir of its own refused the second node,
+"InvalidAuthToken", with Ray 2.60.) The test that kills a node starts a cluster of its own.
 """
 
 import functools
@@ -62,10 +64,17 @@ class Cluster:
     def __init__(self, tmp: Path):
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.head = self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={_free_port()}",
-                                 "--include-dashboard=false"], tmp)
-        self.worker = self._start([f"--address={self.address}"], tmp)
+        # token authentication off: on loopback, and a node joining (in its default mode) would not
+        # send the token that `ray start --head` turns on once ~/.ray/auth_token exists
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        self.head = self.worker = None
+        try:
+            self.head = self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={_free_port()}",
+                                     "--include-dashboard=false"], tmp)
+            self.worker = self._start([f"--address={self.address}"], tmp)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, args, cwd) -> int:
         proc = subprocess.Popen([RAY, "start", "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -93,7 +102,7 @@ class Cluster:
 
     def stop(self) -> None:
         for sid in (self.worker, self.head):
-            for pid, _ in _session_processes(sid):
+            for pid, _ in _session_processes(sid) if sid else ():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -103,6 +112,16 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("ray"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster for a test that breaks it."""
+    c = Cluster(tmp_path)
     try:
         yield c
     finally:
@@ -211,14 +230,14 @@ def test_a_run_ray_gives_up_on_is_queued_and_the_next_sweep_reruns_it(cluster, t
     assert again.skipped == 1 and list(again.finished.values()) == ["done"] and again.complete
 
 
-def test_killed_worker_node_its_runs_are_retried_on_the_head(cluster, tmp_path):
-    """Last: it kills the worker node's raylet."""
+def test_killed_worker_node_its_run_is_retried_on_the_head(own_cluster, tmp_path):
+    cluster = own_cluster
     cfg = load_config(write_config(tmp_path / "c.toml", name="node", epochs=8, batch_size=16))
     run_sweep(cfg, tmp_path / "local.db", workers=1, threads=1, log=quiet)
     killed = []
 
     def kill_worker_node():
-        cluster.wait_busy(cluster.worker)  # a run is in flight there
+        cluster.wait_busy(cluster.worker)  # the node's first run is in flight there
         os.kill(cluster.raylet(cluster.worker), signal.SIGKILL)
         killed.append(True)
 
@@ -229,5 +248,7 @@ def test_killed_worker_node_its_runs_are_retried_on_the_head(cluster, tmp_path):
     assert killed
     assert set(s.finished.values()) == {"done"} and len(s.finished) == 4 and s.complete
     rows = run_rows(tmp_path / "ray.db", "node")
+    # the worker node died in its first run, so every run, that one retried, finished on the head
+    assert len({r["env"]["ray_node"] for r in rows}) == 1
     assert all(r["attempts"] == 1 for r in rows)  # the store saw each run once: Ray retried it
     assert epochs_of(tmp_path / "ray.db", "node") == epochs_of(tmp_path / "local.db", "node")

@@ -26,12 +26,17 @@ __all__ = list(_MODULE_OF)
 
 def __getattr__(name: str):
     module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnlab.experiments' has no attribute {name!r}")
+    if module is None:  # a submodule (`experiments.store`), imported as a package attribute would be
+        try:
+            return import_module(f"bnlab.experiments.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bnlab.experiments.{name}":
+                raise
+            raise AttributeError(f"module 'bnlab.experiments' has no attribute {name!r}") from None
     value = getattr(import_module(f"bnlab.experiments.{module}"), name)
     globals()[name] = value  # once: later lookups do not come here
     return value
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__))

@@ -304,6 +304,14 @@ class WorkerDied(BnlabError):
     exit_code = 1
 
 
+def _compact(ds):
+    """``ds`` with tensors that hold only its examples (a limited split is a view of the whole
+    split, and pickling a view copies all of its storage)."""
+    import dataclasses
+
+    return dataclasses.replace(ds, x=ds.x.clone(), y=ds.y.clone())
+
+
 def data_key(settings) -> tuple:
     """What decides a run's data: runs with equal keys train on the same ``(train, test)``."""
     return (settings.dataset, settings.data_dir, settings.standardize, settings.train_limit, settings.test_limit,
@@ -316,23 +324,28 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
     back to this process, the driver, which alone claims the runs, renews their leases and writes
     the store: the workers need neither the store nor a shared filesystem.
 
-    Data: the driver loads each distinct dataset once (uint8, as every run holds it) and puts it
-    in Ray's object store; every task reads its data from there, so a worker node needs no copy
-    of the data. Runs of several processes each (``nproc`` > 1) load their data on the node.
+    Data: the driver loads each distinct dataset once (uint8, as every run holds it; a limited
+    split as a compact copy) and puts it in Ray's object store; every task reads its data from
+    there, so a worker node needs no copy of the data. Runs of several processes each (``nproc``
+    > 1) load their data on the node.
 
-    Faults: a task whose worker process or node dies is retried by Ray on another node up to
+    Faults: a task whose worker process or node dies is retried by Ray (on any live node) up to
     ``max_retries`` times; when Ray gives up, or loses the task's result, the run goes back in
     the store's queue (reported as ``interrupted``) and the next ``bnlab sweep`` reruns it. A
     killed driver leaves its claimed runs ``running`` under its dead pid; the next sweep reruns
-    them (see :mod:`bnlab.experiments.store`). A run's own error is ``failed`` as anywhere else.
+    them (see :mod:`bnlab.experiments.store`). A run's own error, and a Ray error that would
+    repeat (an out-of-memory kill, a task that cannot be scheduled or deserialized), is
+    ``failed`` with its message.
     """
     try:
         import ray
-        from ray.exceptions import RayError, RayTaskError
+        from ray.exceptions import (LocalRayletDiedError, NodeDiedError, ObjectLostError, RayError, RayTaskError,
+                                    WorkerCrashedError)
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
     from bnlab.train import TrainSettings, load_data
 
+    machine_failed = (WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError)
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for its entrypoint
     started_here = not ray.is_initialized()
     if started_here:
@@ -345,38 +358,47 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from None
+    # a task asking for more CPUs than any node has would wait forever: ask for at most that many
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest < 1:
+        raise ConfigError(f"the Ray cluster at {address or 'this machine'} has no node with a CPU: add one, or use "
+                          "--executor local")
     refs = {}
+    claimed = None  # a run claimed and not yet submitted
     shipped: dict = {}  # data key -> the object store's copy of (train, test)
     try:
         with store.heartbeats():  # this process owns the runs: it keeps their leases
             remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(execute_run)
             for t in tasks:
+                if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
+                    continue
+                claimed = t
                 s = TrainSettings.from_dict(t.settings)
                 data = None
                 if s.nproc == 1:
                     key = data_key(s)
                     if key not in shipped:
-                        shipped[key] = ray.put(load_data(s))
+                        shipped[key] = ray.put(tuple(_compact(d) for d in load_data(s)))
                     data = shipped[key]
-                if not store.claim(t.run_id, os.getpid(), {"executor": "ray"}):
-                    continue
-                cpus = max(threads, s.nproc)  # a data-parallel run's processes share its CPUs
-                refs[remote.options(num_cpus=cpus).remote(t.run_id, t.settings, threads=cpus, tensorboard=tensorboard,
-                                                          sweep=sweep, datasets=data)] = t
+                cpus = int(min(max(threads, s.nproc), largest))  # a data-parallel run's processes share them
+                refs[remote.options(num_cpus=cpus).remote(t.run_id, t.settings, threads=max(threads, s.nproc),
+                                                          tensorboard=tensorboard, sweep=sweep, datasets=data)] = t
+                claimed = None
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 t = refs[done[0]]
                 try:
                     out = ray.get(done[0])
-                except RayTaskError as e:  # the task raised (execute_run keeps a run's own errors): a bug
-                    out = {"run_id": t.run_id, "status": "failed", "epochs": [], "error": f"ray task failed: {e}"}
-                except RayError as e:  # the cluster failed the run (worker or node died, result lost)
+                except machine_failed as e:  # the cluster failed the run: it is not the run's fault
                     store.requeue(t.run_id, f"interrupted: {type(e).__name__} (Ray gave up after {max_retries} "
                                             "retries)")
                     report(t, {"run_id": t.run_id, "status": "interrupted", "epochs": [],
                                "error": f"{type(e).__name__}: the run is queued again; run the same command to resume"})
                     continue
+                except RayError as e:  # the task raised (execute_run keeps a run's own errors), or cannot run
+                    out = {"run_id": t.run_id, "status": "failed", "epochs": [],
+                           "error": f"ray task failed ({type(e).__name__}): {e}"}
                 if out.get("activations"):
                     store.add_activations(t.run_id, out["activations"])
                 if not store.finish(t.run_id, out["status"], last_epochs=out.get("epochs", []), error=out.get("error"),
@@ -385,9 +407,15 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
                            "error": "its lease expired and another process took it over (see --lease)"}
                 report(t, out)
     except BaseException:
-        for t in refs.values():
+        for ref, t in refs.items():
             if store.status(t.run_id) == "running":
+                try:
+                    ray.cancel(ref, force=True)  # the caller's Ray (not ours) would otherwise go on running them
+                except Exception:  # noqa: BLE001 - Ray itself may be what failed; the requeue matters more
+                    pass
                 store.requeue(t.run_id, "interrupted")
+        if claimed is not None:
+            store.requeue(claimed.run_id, "interrupted")
         raise
     finally:
         if started_here:
