@@ -245,3 +245,17 @@ def test_quick_size_of_a_recipe():
             return c.size() * c.fixed.get("epochs", 1) * c.fixed.get("train_limit", 60000)
 
         assert work(q) < work(full), name
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["trian"], "invalid choice: 'trian'"), (["sweep"], "the following arguments are required: config"),
+    (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["train", "--bn", "befor"], "did you mean 'before'?"),
+])
+def test_usage_mistakes_are_one_line_naming_the_help(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnlab: error: ") and needle in err
+    assert err.rstrip().endswith(f"(see 'bnlab{' ' + argv[0] if argv[0] != 'trian' else ''} --help')")

@@ -709,6 +709,19 @@ class _Parser(argparse.ArgumentParser):
         kw.setdefault("formatter_class", _Help)
         super().__init__(*a, **kw)
 
+    def error(self, message):
+        """A usage mistake is one line, as every other mistake is (argparse prints the whole
+        usage first), naming the help to read; exit status 2."""
+        import re
+
+        from bnlab.errors import suggest
+
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if wrong:  # "did you mean" (argparse itself suggests only from Python 3.14)
+            options = re.findall(r"'([^']*)'", wrong.group(2))
+            message += suggest(wrong.group(1), options)
+        self.exit(2, f"bnlab: error: {message} (see '{self.prog} --help')\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from bnlab import __version__

@@ -149,8 +149,9 @@ def execute_run(run_id: str, settings: dict, *, store_path: str | None = None, t
                     for i in range(len(res.history.epochs)):  # into the store as train() would have written them
                         sink.on_epoch_end(SimpleNamespace(history=SimpleNamespace(epochs=res.history.epochs[:i + 1])))
                 else:
-                    res = train(s, datasets=_datasets(s) if datasets is None else datasets, callbacks=[sink], progress=False, tensorboard=tensorboard,
-                                name=sweep, run_id=run_id)
+                    data = _datasets(s) if datasets is None else datasets
+                    res = train(s, datasets=data, callbacks=[sink], progress=False, tensorboard=tensorboard, name=sweep,
+                                run_id=run_id)
                 status, error, stop = res.history.status, None, res.history.stop_reason
             except RunTakenOver:
                 return lost
