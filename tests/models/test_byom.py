@@ -206,3 +206,17 @@ def test_a_sweep_reruns_a_python_model_whose_file_changed(netfile):
     assert s.identity(threads=1) != before  # another network: its runs are new runs, not resumed ones
     assert TrainSettings(dataset="digits", model="keras-mlp").identity() == TrainSettings(
         dataset="digits", model="keras-mlp").identity()
+
+
+def test_a_sweep_reruns_a_spec_file_model_whose_layers_changed(tmp_path):
+    from bnlab.train import TrainSettings
+
+    spec = tmp_path / "tiny.toml"
+    layers = '[[layers]]\ntype = "flatten"\n[[layers]]\ntype = "dense"\nout = {}\n[[layers]]\ntype = "dense"\nout = "classes"\n'
+    spec.write_text('activation = "tanh"\n' + layers.format(64))
+    s = TrainSettings(dataset="digits", model=str(spec), bn="after")
+    before = s.identity(threads=1)
+    spec.write_text('# a comment, and the same layers\nactivation = "tanh"\n' + layers.format(64))
+    assert s.identity(threads=1) == before  # the same network: its runs resume
+    spec.write_text('activation = "tanh"\n' + layers.format(32))
+    assert s.identity(threads=1) != before  # another network: new runs

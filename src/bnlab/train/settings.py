@@ -225,13 +225,11 @@ class TrainSettings:
 
     def identity(self, threads: int | None = None) -> str:
         """Stable 16-hex-digit identity of these settings (where the data lives left out; for a
-        model in your own ``.py`` file, the file's SHA-256 put in, so an edited file is a new
-        run) and, when given, of the torch thread count the run uses (CPU kernels sum in another order
+        model in your own ``.py`` file or ``.toml`` spec, what the file holds put in, so an edited
+        file is a new run) and, when given, of the torch thread count the run uses (CPU kernels sum in another order
         with other thread counts, so results differ in the last digits): a sweep's run id."""
         d = self.resolved().to_dict()  # what runs: auto on a machine without a GPU is the cpu
-        code = _model_file_hash(self.model)
-        if code is not None:  # your own network's file: an edited file is another network
-            d["model_sha256"] = code
+        d.update(_model_content(self.model))  # your own network's file: an edited file is another network
         if threads is not None:
             d["threads"] = threads
         return identity_hash(d)
@@ -252,17 +250,27 @@ class TrainSettings:
         return cls(**d)
 
 
-def _model_file_hash(model: str) -> str | None:
-    """The SHA-256 of the file of a ``path/to/file.py:factory`` model (None for other models or a
-    missing file, which building reports)."""
+def _model_content(model: str) -> dict:
+    """What a model named by a file is, for a run's identity: ``{"model_sha256": ...}``, the
+    SHA-256 of the file of a ``path/to/file.py:factory`` model; ``{"model_spec": ...}``, the hash
+    of the validated layer spec of a spec file (``.toml``), so comments and formatting do not
+    count; ``{}`` for other models, and for a file that is missing or invalid (building reports
+    it)."""
+    from pathlib import Path
+
+    from bnlab.models import resolve_spec
     from bnlab.models.factory import is_reference, reference_spec
 
-    if not (is_reference(model) and model.split(":")[0].endswith(".py")):
-        return None
     try:
-        return reference_spec(model)["python"]["sha256"]
+        if is_reference(model):
+            if model.split(":")[0].endswith(".py"):
+                return {"model_sha256": reference_spec(model)["python"]["sha256"]}
+            return {}
+        if model.endswith(".toml") or Path(model).is_file():
+            return {"model_spec": identity_hash(resolve_spec(model))}
     except ConfigError:
-        return None
+        pass
+    return {}
 
 
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
