@@ -976,6 +976,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from bnlab.train.distributed import env_rank_world
+
+    if env_rank_world() is not None:
+        # One process of a data-parallel group (`--nproc`, torchrun), its work written and its
+        # group destroyed: leave without interpreter finalization, in which gloo's C++ threads
+        # now and then abort the process ("terminate called without an active exception",
+        # SIGABRT; seen in CI as a failed torchrun whose run had finished).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     _early_workers(list(argv) if argv is not None else sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
