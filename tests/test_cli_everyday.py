@@ -251,6 +251,7 @@ def test_quick_size_of_a_recipe():
     (["trian"], "invalid choice: 'trian'"), (["sweep"], "the following arguments are required: config"),
     (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["train", "--bn", "befor"], "did you mean 'before'?"),
+    (["sweep", "c.toml", "--executer", "ray"], "unrecognized arguments: --executer ray; did you mean '--executor'?"),
 ])
 def test_usage_mistakes_are_one_line_naming_the_help(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

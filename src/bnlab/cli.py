@@ -968,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a recipe's name")
     _add_json(p)
     p.set_defaults(func=cmd_recipes_show)
+    parser.commands = sub.choices  # name -> its parser, for errors about its options
     return parser
 
 
@@ -993,7 +994,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     _early_workers(list(argv) if argv is not None else sys.argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse would blame the top-level parser; name the command's options instead
+        cmd = parser.commands.get(args.command, parser)
+        from bnlab.errors import suggest
+
+        flags = [o for a in cmd._actions for o in a.option_strings]
+        hints = "".join(suggest(x.split("=")[0], flags) for x in extra if x.startswith("--"))
+        cmd.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc N` runs it again N times
     warnings.showwarning = _show_warning
     try:

@@ -387,3 +387,19 @@ def test_the_cli_starts_the_fork_server_before_it_imports_torch(argv, starts):
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     got = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     assert got == ["RESULT [False]" if starts else "RESULT []"], out.stdout + out.stderr
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_before_anything_is_written(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(write_config(tmp_path / "c.toml", seeds=(0,)))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: nothing answers there .*ray status --address"):
+        run_sweep(cfg, tmp_path / "s.db", executor="ray", ray_address=f"127.0.0.1:{port}", log=quiet)
+    assert time.monotonic() - t0 < 10  # Ray alone retries for ~14 minutes
+    with pytest.raises(ConfigError, match="99999 is not a port"):
+        run_sweep(cfg, tmp_path / "s.db", executor="ray", ray_address="127.0.0.1:99999", log=quiet)
+    assert not (tmp_path / "s.db").exists()

@@ -313,6 +313,25 @@ def _compact(ds):
     return dataclasses.replace(ds, x=ds.x.clone(), y=ds.y.clone())
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` Ray address where nothing listens, at once (Ray itself retries for
+    about 14 minutes before it gives up). Other forms (``auto``, ``ray://...``) are left to Ray."""
+    import re
+
+    m = re.fullmatch(r"\[?([^\]/]+?)\]?:(\d+)", address)
+    if not m:
+        return
+    host, port = m.group(1), int(m.group(2))
+    if not 0 < port < 65536:
+        raise ConfigError(f"--ray-address {address}: {port} is not a port (1-65535)")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--ray-address {address}: nothing answers there ({e.strerror or e}): is the Ray head up? "
+                          f"check with: ray status --address {address}") from None
+
+
 def data_key(settings) -> tuple:
     """What decides a run's data: runs with equal keys train on the same ``(train, test)``."""
     return (settings.dataset, settings.data_dir, settings.standardize, settings.train_limit, settings.test_limit,
@@ -358,7 +377,11 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from None
+            hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and its token here, see "
+                    "docs/cluster.md)" if address else "")
+            raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+                              f"{hint}") from None
     # a task asking for more CPUs than any node has would wait forever: ask for at most that many
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if largest < 1:

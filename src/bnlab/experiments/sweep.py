@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from bnlab.errors import ConfigError
 from bnlab.experiments.config import MAX_RUNS, NOT_IDENTITY, Run, SweepConfig, identity_hash, run_id
-from bnlab.experiments.execute import Task, cpu_count, run_local, run_ray
+from bnlab.experiments.execute import Task, check_ray_address, cpu_count, run_local, run_ray
 from bnlab.experiments.store import DEFAULT_LEASE, FINISHED, RunStore
 
 EXECUTORS = ("local", "ray")
@@ -154,6 +155,10 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         raise ConfigError(f"--max-runs must be a positive integer, got {max_runs}")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
         raise ConfigError(f"--lease must be a positive number of seconds, got {lease}")
+    ray_address = ray_address or (os.environ.get("RAY_ADDRESS") if executor == "ray" else None)
+    ray = sys.modules.get("ray")
+    if executor == "ray" and ray_address and not (ray is not None and ray.is_initialized()):
+        check_ray_address(ray_address)  # before anything is checked or written
     if executor == "local" and workers != 1:
         from bnlab.experiments.workers import start_worker_server
 
@@ -192,9 +197,13 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         keys = cfg.grid_keys() + ["seed"]
         if total > finished:
             workers = min(workers, total - finished)  # no idle processes for the last few runs
-            address = ray_address or os.environ.get("RAY_ADDRESS")
-            where = (f"on the Ray cluster at {address}" if executor == "ray" and address else
-                     f"with {executor} executor, {workers} worker(s)")
+            ray = sys.modules.get("ray")
+            if executor == "ray" and ray is not None and ray.is_initialized():  # run_ray uses that one
+                where = "on the Ray instance this process is connected to"
+            elif executor == "ray" and ray_address:
+                where = f"on the Ray cluster at {ray_address}"
+            else:
+                where = f"with {executor} executor, {workers} worker(s)"
             log(f"running {total - finished} run(s) of sweep {cfg.name!r} {where}, {threads} thread(s) each{why}")
 
             def report(task, out):
