@@ -77,16 +77,13 @@ def main(argv=None):
 
     results = {}
     for case, config in CONFIGS.items():
-        times = {k: [] for k in SETTINGS}
-        edges = {k: [] for k in SETTINGS}
+        measured = {k: [] for k in SETTINGS}  # (wall, until the first run, after the last) per round
         for _ in range(args.rounds):
             for k, (w, t) in SETTINGS.items():
-                wall, start, end = timed(config, w, t)
-                times[k].append(wall)
-                edges[k].append((start, end))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        start_up = {k: statistics.median(e[0] for e in v) for k, v in edges.items()}
-        shut_down = {k: statistics.median(e[1] for e in v) for k, v in edges.items()}
+                measured[k].append(timed(config, w, t))
+        times = {k: [m[0] for m in v] for k, v in measured.items()}
+        med, start_up, shut_down = ({k: statistics.median(m[i] for m in v) for k, v in measured.items()}
+                                    for i in range(3))
         best = min(med["1 process x 1 thread"], med["1 process x 2 threads"])
         workers, threads, why = auto_workers(check_runs(parse_config(config)))
         results[case] = {"seconds": med, "all": times, "runs": 4, "auto_chose": f"{workers} x {threads} ({why})",

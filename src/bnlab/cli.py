@@ -978,16 +978,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    from bnlab.train.distributed import env_rank_world
+    from bnlab.train.distributed import env_rank_world, exit_group_process
 
-    if env_rank_world() is not None:
-        # One process of a data-parallel group (`--nproc`, torchrun), its work written and its
-        # group destroyed: leave without interpreter finalization, in which gloo's C++ threads
-        # now and then abort the process ("terminate called without an active exception",
-        # SIGABRT; seen in CI as a failed torchrun whose run had finished).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if env_rank_world() is not None:  # one process of a data-parallel group (`--nproc`, torchrun)
+        exit_group_process(code)
     return code
 
 

@@ -340,7 +340,9 @@ def data_key(settings) -> tuple:
 
 def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: str, report,
             workers: int | None = None, threads: int = 1, max_retries: int = 3) -> None:
-    """Run tasks as Ray tasks (``threads`` torch threads and as many Ray CPUs each); results come
+    """Run tasks as Ray tasks (``threads`` torch threads and as many Ray CPUs each) on the cluster at
+    ``address`` (``None``: a new local instance of ``workers`` CPUs; a Ray this process is
+    already connected to is used as it is); results come
     back to this process, the driver, which alone claims the runs, renews their leases and writes
     the store: the workers need neither the store nor a shared filesystem.
 
@@ -359,14 +361,12 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
     """
     try:
         import ray
-        from ray.exceptions import (LocalRayletDiedError, NodeDiedError, ObjectLostError, RayError, RayTaskError,
-                                    WorkerCrashedError)
+        from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayError, WorkerCrashedError
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
     from bnlab.train import TrainSettings, load_data
 
     machine_failed = (WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError)
-    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for its entrypoint
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
@@ -377,11 +377,10 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # Ray's messages run to many lines
             hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and its token here, see "
                     "docs/cluster.md)" if address else "")
-            raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-                              f"{hint}") from None
+            raise ConfigError(f"could not connect to Ray at {address or 'a new local instance'}: {why}{hint}") from None
     # a task asking for more CPUs than any node has would wait forever: ask for at most that many
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if largest < 1:
@@ -404,9 +403,9 @@ def run_ray(tasks, store, address: str | None, tensorboard: str | None, sweep: s
                     if key not in shipped:
                         shipped[key] = ray.put(tuple(_compact(d) for d in load_data(s)))
                     data = shipped[key]
-                cpus = int(min(max(threads, s.nproc), largest))  # a data-parallel run's processes share them
-                refs[remote.options(num_cpus=cpus).remote(t.run_id, t.settings, threads=max(threads, s.nproc),
-                                                          tensorboard=tensorboard, sweep=sweep, datasets=data)] = t
+                run_threads = max(threads, s.nproc)  # a data-parallel run's processes share them
+                refs[remote.options(num_cpus=int(min(run_threads, largest))).remote(
+                    t.run_id, t.settings, threads=run_threads, tensorboard=tensorboard, sweep=sweep, datasets=data)] = t
                 claimed = None
             pending = list(refs)
             while pending:

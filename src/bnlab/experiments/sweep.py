@@ -121,7 +121,8 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
             processes; ``ray`` uses it as the CPU count of a new local Ray instance. ``"auto"``
             (the CLI's default): chosen from the cores and the networks (:func:`auto_workers`).
         executor: ``local`` or ``ray``.
-        ray_address: the Ray cluster to connect to (``None``: start a local one).
+        ray_address: the Ray cluster to connect to (``None``: ``$RAY_ADDRESS``, else start a local
+            one); where nothing answers it is a :class:`ConfigError` at once.
         tensorboard: a folder for TensorBoard event files, under ``<folder>/<sweep>/<run id>``.
         overrides: settings applied to every run after the grid (e.g. ``{"data_dir": ...}``).
         threads: torch threads per run (see above).
@@ -155,10 +156,13 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         raise ConfigError(f"--max-runs must be a positive integer, got {max_runs}")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not lease > 0:
         raise ConfigError(f"--lease must be a positive number of seconds, got {lease}")
-    ray_address = ray_address or (os.environ.get("RAY_ADDRESS") if executor == "ray" else None)
-    ray = sys.modules.get("ray")
-    if executor == "ray" and ray_address and not (ray is not None and ray.is_initialized()):
-        check_ray_address(ray_address)  # before anything is checked or written
+    callers_ray = False
+    if executor == "ray":
+        ray_address = ray_address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for its entrypoint
+        ray = sys.modules.get("ray")
+        callers_ray = ray is not None and ray.is_initialized()  # run_ray then uses that one
+        if ray_address and not callers_ray:
+            check_ray_address(ray_address)  # before anything is checked or written
     if executor == "local" and workers != 1:
         from bnlab.experiments.workers import start_worker_server
 
@@ -197,8 +201,7 @@ def run_sweep(cfg: SweepConfig, store_path: str, *, workers: int = 1, executor: 
         keys = cfg.grid_keys() + ["seed"]
         if total > finished:
             workers = min(workers, total - finished)  # no idle processes for the last few runs
-            ray = sys.modules.get("ray")
-            if executor == "ray" and ray is not None and ray.is_initialized():  # run_ray uses that one
+            if executor == "ray" and callers_ray:
                 where = "on the Ray instance this process is connected to"
             elif executor == "ray" and ray_address:
                 where = f"on the Ray cluster at {ray_address}"

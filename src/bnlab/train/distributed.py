@@ -176,11 +176,15 @@ def _main(src: str, out: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = _main(*sys.argv[1:3])
-    # Everything is written and the group destroyed: leave without interpreter finalization, in
-    # which gloo's C++ threads now and then abort the process ("terminate called without an
-    # active exception" on stderr; seen once in 30 runs of `bnlab reproduce syncbn`).
+def exit_group_process(code: int) -> None:
+    """End a process of a data-parallel group whose work is written and whose group is destroyed,
+    without interpreter finalization: in it, gloo's C++ threads now and then abort the process
+    (SIGABRT, "terminate called without an active exception"; seen once in 30 runs of `bnlab
+    reproduce syncbn`, and in CI as a failed torchrun whose run had finished)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_group_process(_main(*sys.argv[1:3]))
